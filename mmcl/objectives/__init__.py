@@ -1,0 +1,24 @@
+"""Objectives: small classes from a batch to named losses, sharing towers, heads and the InfoNCE core."""
+from __future__ import annotations
+
+from torch import nn
+
+from mmcl.config import Recipe
+from mmcl.objectives.base import Objective
+from mmcl.objectives.clip import SIGLIP_INIT_BIAS, SIGLIP_INIT_SCALE, ClipObjective, SigLipObjective
+
+REGISTRY = {"clip": ClipObjective, "siglip": SigLipObjective}
+
+
+def model_init_kwargs(recipe: Recipe) -> dict:
+    """Extra model construction arguments an objective needs (SigLIP's scale and bias)."""
+    if recipe.objective.name == "siglip":
+        return {"logit_scale": SIGLIP_INIT_SCALE, "logit_bias": SIGLIP_INIT_BIAS}
+    return {}
+
+
+def build_objective(recipe: Recipe, model: nn.Module) -> Objective:
+    name = recipe.objective.name
+    if name not in REGISTRY:
+        raise ValueError(f"objective.name: {name} is not available (have: {', '.join(sorted(REGISTRY))})")
+    return REGISTRY[name](model, recipe)

@@ -1,0 +1,59 @@
+"""CLIP and SigLIP: image-text contrast over the open_clip towers."""
+from __future__ import annotations
+
+import math
+from typing import Dict
+
+import torch
+
+from mmcl.config import Recipe
+from mmcl.losses import ClipLoss, SigLipLoss, clamp_logit_scale
+from mmcl.objectives.base import Features, Objective
+
+SIGLIP_INIT_SCALE = math.log(10.0)
+SIGLIP_INIT_BIAS = -10.0
+
+
+class ClipObjective(Objective):
+    """Symmetric InfoNCE with the learnable temperature exp(t) of the model, clamped at 100 after each step."""
+
+    def __init__(self, model, recipe: Recipe):
+        super().__init__(model)
+        cfg = recipe.objective
+        self.loss_fn = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
+                                chunk_size=cfg.chunk_size)
+
+    def encode(self, batch: dict) -> Features:
+        return {"image": self.model.encode_image(batch["image"], normalize=True),
+                "text": self.model.encode_text(batch["text"], normalize=True)}
+
+    def losses(self, features: Features) -> Dict[str, torch.Tensor]:
+        loss = self.loss_fn(features["image"], features["text"], self.model.logit_scale.exp())
+        return {"loss": loss, "loss/clip": loss}
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        clamp_logit_scale(self.model.logit_scale)
+
+    def log_values(self) -> Dict[str, float]:
+        return {"logit_scale": float(self.model.logit_scale.detach().exp())}
+
+    def key_features(self) -> tuple:
+        return ("image", "text")
+
+
+class SigLipObjective(ClipObjective):
+    """Pairwise sigmoid loss with learnable scale and bias (the model is built with init ln 10 and -10)."""
+
+    def __init__(self, model, recipe: Recipe):
+        Objective.__init__(self, model)
+        if getattr(model, "logit_bias", None) is None:
+            raise ValueError("objective.name=siglip needs a model built with a logit bias")
+        self.loss_fn = SigLipLoss()
+
+    def losses(self, features: Features) -> Dict[str, torch.Tensor]:
+        loss = self.loss_fn(features["image"], features["text"], self.model.logit_scale.exp(), self.model.logit_bias)
+        return {"loss": loss, "loss/siglip": loss}
+
+    def log_values(self) -> Dict[str, float]:
+        return {"logit_scale": float(self.model.logit_scale.detach().exp()),
+                "logit_bias": float(self.model.logit_bias.detach())}

@@ -1,0 +1,132 @@
+"""The training loop, top to bottom. Setup lives in setup.py, the backward passes in step.py."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict
+
+from mmcl.config import Recipe
+from mmcl.models import factory
+from mmcl.train import setup as S
+from mmcl.train import step as T
+from mmcl.train.checkpoint import set_rng_state
+from mmcl.train.finish import evaluate, finish
+from mmcl.train.logs import RunLog
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite losses in a row); its last good checkpoint is kept."""
+
+
+@dataclass
+class Run:
+    recipe: Recipe
+    accelerator: Any
+    objective: Any
+    model_cfg: dict
+    optimizer: Any
+    scheduler: Any
+    plan: S.DataPlan
+    spec: Any
+    state: S.TrainState
+    log: RunLog
+    run_dir: Path
+
+    def save(self) -> None:
+        S.save_checkpoint(self.run_dir, self.state, self.objective, self.optimizer, self.scheduler,
+                          self.accelerator, self.recipe.train.keep_last)
+
+
+def train(recipe: Recipe) -> dict:
+    run, rng = start(recipe)
+    state, t, meter = run.state, recipe.train, Meter(run.state.samples, run.state.step)
+    while state.step < run.plan.total_steps:
+        batches = S.epoch_batches(recipe, run.plan, run.spec, state.epoch, skip=state.step_in_epoch)
+        if rng is not None:  # resumed: the data position is restored, now the RNG exactly as saved
+            set_rng_state(rng)
+            rng = None
+        for batch in batches:
+            losses, finite = optimizer_step(run, batch)
+            if state.step % t.log_every == 0 or state.step == run.plan.total_steps:
+                run.log.write(meter.record(run, losses))
+            if state.bad_steps >= t.max_bad_steps:
+                run.save()
+                raise TrainingError(f"train: {state.bad_steps} non-finite losses in a row at step {state.step}; "
+                                    f"stopped with the last good weights saved in {run.run_dir / 'checkpoints'}")
+            if state.step >= run.plan.total_steps:
+                break
+            if recipe.eval.every and state.step % recipe.eval.every == 0:
+                evaluate(recipe, run.objective, run.model_cfg, state.step, run.accelerator, run.log)
+            if t.save_every and state.step % t.save_every == 0:
+                run.save()
+        else:
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+    run.save()
+    return finish(recipe, run.objective, run.model_cfg, state, run.accelerator, run.log)
+
+
+def start(recipe: Recipe):
+    """Build everything, write the run files, and resume from the newest complete checkpoint if asked."""
+    accelerator = S.make_accelerator(recipe)
+    run_dir = Path(recipe.train.output_dir)
+    objective, model_cfg, optimizer = S.build(recipe, accelerator)
+    plan = S.plan_data(recipe, accelerator.num_processes)
+    scheduler = S.make_scheduler(optimizer.optimizer, plan.total_steps, recipe.optim)
+    if accelerator.is_main_process:
+        S.write_run_files(recipe, run_dir, objective.model, model_cfg)
+    accelerator.wait_for_everyone()
+    state, rng, resume_from = S.TrainState(skipped_samples=Counter()), None, S.resume_point(recipe, run_dir)
+    if resume_from is not None:
+        state, rng = S.restore(resume_from, objective, optimizer, scheduler, accelerator)
+    spec = S.sample_spec(recipe, objective, model_cfg, factory.make_tokenizer(model_cfg))
+    log = RunLog(run_dir, accelerator.is_main_process, plan.total_steps, state.step, recipe.train.progress)
+    return Run(recipe, accelerator, objective, model_cfg, optimizer, scheduler, plan, spec, state, log, run_dir), rng
+
+
+def optimizer_step(run: Run, batch: dict):
+    """Forward and backward over one global batch, average gradients, update; skip non-finite losses."""
+    state, accelerator, objective, t = run.state, run.accelerator, run.objective, run.recipe.train
+    state.skipped_samples.update(batch.pop("skipped", {}))
+    batch = T.to_device(batch, accelerator.device)
+    objective.train()
+    objective.before_step(state.step, run.plan.total_steps)
+    if t.accum_steps == 1:
+        losses = T.plain_backward(objective, batch, accelerator)
+    else:
+        losses = T.cached_backward(objective, T.split_batch(batch, t.accum_steps), accelerator)
+    params = T.trainable(objective)
+    T.sync_gradients(params)
+    finite = T.all_finite(losses["loss"])
+    if finite:
+        if run.recipe.optim.grad_clip:
+            accelerator.clip_grad_norm_(params, run.recipe.optim.grad_clip)
+        run.optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped this update
+            run.scheduler.step()
+        objective.after_step(state.step, run.plan.total_steps)
+    run.optimizer.zero_grad(set_to_none=True)
+    state.bad_steps = 0 if finite else state.bad_steps + 1
+    state.skipped_steps += 0 if finite else 1
+    state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
+    state.samples += T.batch_size_of(batch) * accelerator.num_processes
+    return losses, finite
+
+
+class Meter:
+    """Throughput between log records, and the record itself (also drives the progress bar)."""
+
+    def __init__(self, samples: int, step: int):
+        self.tick, self.samples, self.step = time.time(), samples, step
+
+    def record(self, run: Run, losses: Dict[str, Any]) -> dict:
+        state, now = run.state, time.time()
+        rate = (state.samples - self.samples) / max(now - self.tick, 1e-9)
+        record = {"step": state.step, "epoch": state.epoch, "lr": run.scheduler.get_last_lr()[0],
+                  "samples_per_s": rate, **{k: float(v) for k, v in losses.items()}, **run.objective.log_values(),
+                  "skipped_steps": state.skipped_steps,
+                  **{f"skipped/{k}": v for k, v in sorted(state.skipped_samples.items())}}
+        run.log.progress(state.step - self.step, {"loss": f"{record['loss']:.3f}", "samples/s": f"{rate:.0f}"})
+        self.tick, self.samples, self.step = now, state.samples, state.step
+        return record

@@ -1,0 +1,152 @@
+"""Everything the loop needs before its first step: processes, model, objective, optimizer, data, resume."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from data_pipelines import shards
+from data_pipelines.stream import SampleSpec, ShardStream, make_loader
+from data_pipelines.transforms import clip_transform, view_transform
+from mmcl import runs
+from mmcl.config import ConfigError, Recipe, dump_recipe
+from mmcl.models import factory
+from mmcl.objectives import Objective, build_objective, model_init_kwargs
+from mmcl.train import checkpoint
+from mmcl.train.optim import make_optimizer, make_scheduler
+
+
+@dataclass
+class TrainState:
+    """Where the run is. Saved in every checkpoint; the data stream is a function of (epoch, step_in_epoch)."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    samples: int = 0
+    bad_steps: int = 0  # consecutive non-finite losses
+    skipped_steps: int = 0  # non-finite losses in total
+    skipped_samples: dict = field(default_factory=dict)  # bad data, by kind
+
+
+@dataclass
+class DataPlan:
+    urls: List[str]
+    weights: Optional[List[float]]
+    samples_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision]
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
+
+
+def plan_data(recipe: Recipe, world: int) -> DataPlan:
+    """Shards of every source, and fixed-length epochs rounded down to whole global batches."""
+    d, t = recipe.data, recipe.train
+    urls, weights, total = [], [], 0
+    for i, source in enumerate(d.train):
+        found = shards.expand_urls(source, d.split)
+        urls += found
+        weights += [(d.weights[i] if d.weights else 1.0) / len(found)] * len(found)
+        size = shards.split_size(source, d.split) if Path(source).is_dir() else None
+        total += size or 0
+    samples = d.samples_per_epoch or total
+    if not samples:
+        raise ConfigError("data.samples_per_epoch: unknown dataset size (no sizes.json); set it explicitly")
+    steps = samples // (t.batch_size * world)
+    if steps < 1:
+        raise ConfigError(f"data.samples_per_epoch: {samples} samples make no whole global batch of "
+                          f"{t.batch_size} x {world} processes")
+    total_steps = min(t.max_steps or steps * t.epochs, steps * t.epochs)
+    return DataPlan(urls, weights if d.resampled else None, steps * t.batch_size * world, steps, total_steps)
+
+
+def sample_spec(recipe: Recipe, objective: Objective, model_cfg: dict, tokenizer) -> SampleSpec:
+    size, d = factory.image_size(model_cfg), recipe.data
+    pp = factory.preprocess_cfg(objective.model)
+    mean, std = pp.get("mean"), pp.get("std")
+    return SampleSpec(
+        image_transform=clip_transform(size, True, mean, std, tuple(d.crop_scale)) if objective.uses_image else None,
+        tokenizer=tokenizer if objective.uses_text else None,
+        view_transform=view_transform(size, crop_scale=tuple(d.view_crop_scale), mean=mean, std=std)
+        if objective.uses_views else None,
+        num_views=d.num_views, max_pixels=d.max_pixels)
+
+
+def epoch_batches(recipe: Recipe, plan: DataPlan, spec: SampleSpec, epoch: int, skip: int) -> Iterator[dict]:
+    """This process's batches for one epoch, after skipping the `skip` already trained (exact resume)."""
+    d = recipe.data
+    stream = ShardStream(plan.urls, spec, recipe.train.batch_size, seed=recipe.train.seed, epoch=epoch,
+                         resampled=d.resampled, weights=plan.weights, shuffle_buffer=d.shuffle_buffer)
+    loader = iter(make_loader(stream, d.workers))
+    for index in range(plan.steps_per_epoch):
+        batch = next(loader)
+        if index >= skip:
+            yield batch
+
+
+def build(recipe: Recipe, accelerator: Accelerator):
+    """Model, objective, optimizer and scheduler, identically initialised on every process."""
+    set_seed(recipe.train.seed)
+    if recipe.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    model, model_cfg = factory.build_model(recipe.model, **model_init_kwargs(recipe))
+    objective = build_objective(recipe, model).to(accelerator.device)
+    optimizer = accelerator.prepare_optimizer(make_optimizer(objective, recipe.optim))
+    return objective, model_cfg, optimizer
+
+
+def write_run_files(recipe: Recipe, run_dir: Path, model: torch.nn.Module, model_cfg: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_recipe(recipe, run_dir / runs.CONFIG)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": factory.preprocess_cfg(model)}
+    (run_dir / runs.MODEL_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def resume_point(recipe: Recipe, run_dir: Path) -> Optional[Path]:
+    if recipe.train.resume == "none":
+        return None
+    if recipe.train.resume == "auto":
+        return runs.latest_checkpoint(run_dir)
+    return Path(recipe.train.resume)
+
+
+def restore(ckpt: Path, objective, optimizer, scheduler, accelerator) -> TrainState:
+    saved = checkpoint.load(ckpt, objective)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if accelerator.scaler is not None and saved.get("scaler"):
+        accelerator.scaler.load_state_dict(saved["scaler"])
+    state = TrainState(**saved["train_state"])
+    state.skipped_samples = Counter(state.skipped_samples)
+    return state, saved["rng"][min(accelerator.process_index, len(saved["rng"]) - 1)]
+
+
+def save_checkpoint(run_dir: Path, state: TrainState, objective, optimizer, scheduler, accelerator,
+                    keep_last: int) -> None:
+    """Every process contributes its RNG state; the main process writes."""
+    rng = [checkpoint.rng_state()]
+    if accelerator.num_processes > 1:
+        gathered = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(gathered, rng[0])
+        rng = gathered
+    if accelerator.is_main_process:
+        saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                 "train_state": {**asdict(state), "skipped_samples": dict(state.skipped_samples)}}
+        checkpoint.save(run_dir, state.step, objective, saved, {"epoch": state.epoch, "samples": state.samples})
+        checkpoint.prune(run_dir, keep_last)
+    accelerator.wait_for_everyone()
+
+
+__all__ = ["TrainState", "DataPlan", "make_accelerator", "plan_data", "sample_spec", "epoch_batches", "build",
+           "write_run_files", "resume_point", "restore", "save_checkpoint", "make_scheduler"]

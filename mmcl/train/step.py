@@ -1,0 +1,122 @@
+"""One optimizer step: forward, backward (plain or feature-cached accumulation), gradient sync, update."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from mmcl import distributed
+from mmcl.objectives import Objective
+
+BATCH_KEYS = ("image", "text", "label")
+
+
+def batch_size_of(batch: dict) -> int:
+    for key in BATCH_KEYS:
+        if key in batch:
+            return len(batch[key])
+    return len(batch["views"][0])
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            out[key] = value.to(device, non_blocking=True)
+        elif key == "views":
+            out[key] = [v.to(device, non_blocking=True) for v in value]
+        else:
+            out[key] = value
+    return out
+
+
+def split_batch(batch: dict, parts: int) -> List[dict]:
+    """Cut a batch into `parts` equal micro-batches (tensors, view lists and caption lists alike)."""
+    size = batch_size_of(batch) // parts
+    micro = []
+    for i in range(parts):
+        piece = slice(i * size, (i + 1) * size)
+        mb = {}
+        for key, value in batch.items():
+            if key in ("skipped", "key"):
+                continue
+            mb[key] = [v[piece] for v in value] if key == "views" else value[piece]
+        micro.append(mb)
+    return micro
+
+
+class RngSnapshot:
+    """The RNG state before a micro-batch's first forward, so its recompute draws the same dropout/masks."""
+
+    def __init__(self, device: torch.device):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.device = device
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+def plain_backward(objective: Objective, batch: dict, accelerator) -> Dict[str, torch.Tensor]:
+    with accelerator.autocast():
+        losses = objective(batch)
+    accelerator.backward(losses["loss"])
+    return {k: v.detach() for k, v in losses.items()}
+
+
+def cached_backward(objective: Objective, micro_batches: List[dict], accelerator) -> Dict[str, torch.Tensor]:
+    """Feature-cache accumulation (GradCache): exact gradients of the loss over the whole batch.
+
+    1) encode every micro-batch without gradients; 2) compute the loss once over all features (so every
+    micro-batch sees the negatives of the whole batch) and back-propagate to the features; 3) re-encode each
+    micro-batch with gradients and push the cached feature gradients through the towers.
+    """
+    snapshots, chunks = [], []
+    with torch.no_grad():
+        for mb in micro_batches:
+            snapshots.append(RngSnapshot(accelerator.device))
+            with accelerator.autocast():
+                chunks.append(objective.encode(mb))
+    after_encode = RngSnapshot(accelerator.device)
+    leaves = {k: torch.cat([c[k] for c in chunks]).detach().requires_grad_(True) for k in chunks[0]}
+    with accelerator.autocast():
+        losses = objective.losses(leaves)
+    accelerator.backward(losses["loss"])
+    offset = 0
+    for mb, snapshot in zip(micro_batches, snapshots):
+        size = batch_size_of(mb)
+        snapshot.restore()
+        with accelerator.autocast():
+            out = objective.encode(mb)
+        pairs = [(out[k], leaves[k].grad[offset:offset + size]) for k in out
+                 if out[k].requires_grad and leaves[k].grad is not None]
+        if pairs:
+            torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
+        offset += size
+    after_encode.restore()  # the RNG continues as if each micro-batch had been encoded once
+    return {k: v.detach() for k, v in losses.items()}
+
+
+def all_finite(loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every process (all processes must agree to skip a step)."""
+    flag = torch.tensor([float(torch.isfinite(loss).all())], device=loss.device)
+    if distributed.is_distributed():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def trainable(module: nn.Module) -> List[torch.Tensor]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def sync_gradients(params: List[torch.Tensor]) -> None:
+    """Average gradients over processes with one bucketed all-reduce (no DDP wrapper: see README)."""
+    if distributed.is_distributed():
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        distributed.all_reduce_mean_(grads)
+        for p, g in zip(params, grads):
+            if p.grad is None:
+                p.grad = g

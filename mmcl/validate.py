@@ -1,0 +1,130 @@
+"""Value checks on a typed recipe, run before any work starts. Each failure names its key."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from mmcl.config import ConfigError, Recipe
+
+
+def positive(key: str, value, allow_zero: bool = False) -> None:
+    bad = value < 0 if allow_zero else value <= 0
+    if bad or (isinstance(value, float) and not math.isfinite(value)):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def check_model(recipe: Recipe) -> None:
+    m = recipe.model
+    if (m.arch is None) == (m.config is None):
+        raise ConfigError("model: give exactly one of model.arch (open_clip name) or model.config (inline)")
+    if m.config is not None:
+        for key in ("embed_dim", "vision_cfg", "text_cfg"):
+            if key not in m.config:
+                raise ConfigError(f"model.config.{key}: missing (open_clip model configs need it)")
+    for key in ("pretrained", "image_weights", "text_weights"):
+        path = getattr(m, key)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"model.{key}: file not found: {path} (weights must be local; nothing downloads)")
+    if not m.ssl_head or any(d <= 0 for d in m.ssl_head):
+        raise ConfigError(f"model.ssl_head: must be a list of positive sizes, got {m.ssl_head}")
+
+
+def check_data(recipe: Recipe) -> None:
+    from data_pipelines import shards
+
+    d = recipe.data
+    if not d.train:
+        raise ConfigError("data.train: no training data given")
+    positive("data.shuffle_buffer", d.shuffle_buffer, allow_zero=True)
+    positive("data.workers", d.workers, allow_zero=True)
+    positive("data.max_pixels", d.max_pixels)
+    positive("data.num_views", d.num_views)
+    if d.samples_per_epoch is not None:
+        positive("data.samples_per_epoch", d.samples_per_epoch)
+    if d.weights is not None and len(d.weights) != len(d.train):
+        raise ConfigError(f"data.weights: {len(d.weights)} weights for {len(d.train)} sources")
+    for key in ("crop_scale", "view_crop_scale"):
+        lo_hi = getattr(d, key)
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+            raise ConfigError(f"data.{key}: must be [low, high] with 0 < low <= high <= 1, got {lo_hi}")
+    for i, source in enumerate(d.train):
+        try:
+            urls = shards.expand_urls(source, d.split)
+            shards.check_local(urls, allow_remote=d.allow_remote)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"data.train[{i}]: {err}") from None
+
+
+def check_optim(recipe: Recipe) -> None:
+    o = recipe.optim
+    positive("optim.lr", o.lr)
+    positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    positive("optim.eps", o.eps)
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas: must be two numbers in [0, 1), got {o.betas}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
+    if o.grad_clip is not None:
+        positive("optim.grad_clip", o.grad_clip)
+
+
+def check_train(recipe: Recipe) -> None:
+    t = recipe.train
+    positive("train.batch_size", t.batch_size)
+    positive("train.accum_steps", t.accum_steps)
+    positive("train.epochs", t.epochs)
+    positive("train.log_every", t.log_every)
+    positive("train.save_every", t.save_every, allow_zero=True)
+    positive("train.keep_last", t.keep_last)
+    positive("train.max_bad_steps", t.max_bad_steps)
+    if t.max_steps is not None:
+        positive("train.max_steps", t.max_steps)
+    if t.batch_size % t.accum_steps:
+        raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by train.accum_steps={t.accum_steps}")
+    if t.resume not in ("auto", "none") and not Path(t.resume).is_dir():
+        raise ConfigError(f"train.resume: must be auto, none or a checkpoint directory; not found: {t.resume}")
+    check_output_dir(t.output_dir)
+
+
+def check_output_dir(path: str) -> None:
+    """The run directory must be creatable and writable: better to fail now than at the first save."""
+    target = Path(path).resolve()
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"train.output_dir: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.output_dir: {existing} is not writable")
+
+
+def check_objective(recipe: Recipe) -> None:
+    o = recipe.objective
+    positive("objective.temperature", o.temperature)
+    positive("objective.queue_size", o.queue_size)
+    positive("objective.cross_modal_queue", o.cross_modal_queue, allow_zero=True)
+    positive("objective.ssl_weight", o.ssl_weight, allow_zero=True)
+    positive("objective.clip_weight", o.clip_weight, allow_zero=True)
+    if o.chunk_size is not None:
+        positive("objective.chunk_size", o.chunk_size)
+    if not 0 <= o.momentum <= 1:
+        raise ConfigError(f"objective.momentum: must be in [0, 1], got {o.momentum}")
+    if o.name in ("simclr", "moco") and recipe.data.num_views < 2:
+        raise ConfigError(f"data.num_views: {o.name} needs at least 2 views, got {recipe.data.num_views}")
+
+
+def check_eval(recipe: Recipe) -> None:
+    e = recipe.eval
+    positive("eval.every", e.every, allow_zero=True)
+    positive("eval.batch_size", e.batch_size)
+    for key in ("datasets", "retrieval"):
+        for i, root in enumerate(getattr(e, key)):
+            if not Path(root, e.split).is_dir():
+                raise ConfigError(f"eval.{key}[{i}]: no split folder {Path(root, e.split)}")
+
+
+def validate(recipe: Recipe) -> None:
+    for check in (check_model, check_optim, check_train, check_objective, check_data, check_eval):
+        check(recipe)
