@@ -8,9 +8,9 @@ Speed comes from three things that leave every number unchanged:
 - an open_clip / torchvision eval transform is split in two: its PIL steps (resize, crop, RGB) run per sample,
   its ToTensor + Normalize tail runs once per batch on uint8 pixels (bit-identical, 4x less to send
   between processes);
-- a background thread finishes batches (and tokenizes captions) while the model runs; batches come from
-  DataLoader workers (shards split by worker) or, with no workers, are decoded in that thread too (PIL
-  releases the GIL), so that loading overlaps the model either way.
+- loading overlaps the model: batches come from DataLoader workers (shards split by worker; captions are
+  tokenized there too) or, with no workers, from a background thread (PIL releases the GIL while it
+  decodes; tokenizing, pure Python, then stays in the main thread, which would otherwise wait for the GIL).
 Every process reads the whole split (no split by node): evaluation runs where it is called.
 """
 from __future__ import annotations
@@ -63,18 +63,24 @@ def read_lines(path: str, what: str) -> List[str]:
     return lines
 
 
-def describe_split(root: str, split: str = "test", task: Optional[str] = None,
+def describe_split(root: str, split: str = "test", task: Optional[str] = None, prompts: bool = True,
                    classnames_file: Optional[str] = None, templates_file: Optional[str] = None) -> SplitInfo:
-    """Shards, task and (for classification) class names and templates of `root/split`."""
+    """Shards and task of `root/split`; for classification also class names and (if `prompts`) templates.
+
+    Missing folders or shards raise FileNotFoundError naming the path. Without `prompts`, class names are
+    optional (a probe only needs labels).
+    """
     root = os.fspath(root)
     urls = shards.split_urls(root, split)
     task = task or shards.dataset_task(root)
     if task not in (CLASSIFICATION, RETRIEVAL):
         raise ValueError(f"unknown task {task!r}: use {CLASSIFICATION} or {RETRIEVAL}")
     info = SplitInfo(root, split, task, urls, shards.split_size(root, split))
-    if task == CLASSIFICATION:
+    if task == CLASSIFICATION and (prompts or classnames_file
+                                   or os.path.isfile(os.path.join(root, shards.CLASSNAMES_FILE))):
         info.classnames = (read_lines(classnames_file, "class names") if classnames_file
                            else shards.read_classnames(root))
+    if task == CLASSIFICATION and prompts:
         info.templates = (read_lines(templates_file, "templates") if templates_file
                           else shards.read_templates(root))
     return info
@@ -121,18 +127,18 @@ class BatchPreprocess:
 
     def stack(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
         """One batch tensor: uint8 NHWC when every item is uint8 pixels, else float NCHW."""
-        if all(item.dtype == torch.uint8 for item in items):
+        if self.head is None or all(item.dtype == torch.uint8 for item in items):
             return torch.stack(items)
         return torch.stack([self._to_float(item[None])[0] if item.dtype == torch.uint8 else item
                             for item in items])
 
     def finish(self, batch: torch.Tensor) -> torch.Tensor:
         """The float NCHW batch the model takes."""
-        return self._to_float(batch) if batch.dtype == torch.uint8 else batch
+        return self._to_float(batch) if self.head is not None and batch.dtype == torch.uint8 else batch
 
 
 class SplitStream(IterableDataset):
-    """Batches of one pass over `urls`: {"pixels", "labels" | "captions", "count", "skipped"}.
+    """Batches of one pass over `urls`: {"pixels", "labels" | "captions" (+ "tokens"), "count", "skipped"}.
 
     `pixels` are BatchPreprocess.sample's outputs stacked (BatchPreprocess.finish makes the model input).
     Bad samples are skipped and counted by kind (data_pipelines.decode.KINDS); each batch carries the counts
@@ -140,12 +146,14 @@ class SplitStream(IterableDataset):
     """
 
     def __init__(self, urls: Sequence[str], pixels: BatchPreprocess, batch_size: int, labels: bool = False,
-                 captions: bool = False, max_pixels: int = decode.DEFAULT_MAX_PIXELS):
+                 captions: bool = False, tokenizer: Optional[Callable] = None,
+                 max_pixels: int = decode.DEFAULT_MAX_PIXELS):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         self.urls, self.pixels, self.batch_size = list(urls), pixels, batch_size
         self.labels, self.captions, self.max_pixels = labels, captions, max_pixels
+        self.tokenizer = tokenizer  # when set, batches also carry "tokens" (all captions, in order)
 
     def make_item(self, raw: dict) -> dict:
         item = {}
@@ -165,6 +173,8 @@ class SplitStream(IterableDataset):
             batch["labels"] = torch.tensor([item["label"] for item in items], dtype=torch.long)
         if self.captions:
             batch["captions"] = [item["captions"] for item in items]
+            if self.tokenizer is not None and items:
+                batch["tokens"] = self.tokenizer([c for captions in batch["captions"] for c in captions])
         return batch
 
     def __iter__(self) -> Iterator[dict]:
@@ -258,6 +268,8 @@ class Limit:
 def cut_batch(batch: dict, n: int) -> dict:
     """The first `n` samples of a batch."""
     out = dict(batch, count=n)
+    if "tokens" in batch:
+        out["tokens"] = batch["tokens"][:sum(len(c) for c in batch["captions"][:n])]
     for key in ("pixels", "labels", "captions"):
         if key in batch:
             out[key] = batch[key][:n]

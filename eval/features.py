@@ -7,6 +7,7 @@ order the batches arrive. For retrieval, every caption line of a sample is embed
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,22 +51,55 @@ def eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def model_threads(device, workers: int, threads: Optional[int] = None):
+    """torch's intra-op threads for the block: on a CPU, the cores the loaders leave free.
+
+    Loading takes one core per DataLoader worker (or one for the background thread when there are none);
+    OpenMP threads that share cores with busy loaders stall at every barrier, which on small models costs
+    more than the extra thread gives. `threads` overrides; GPUs are left alone. Results do not change.
+    """
+    if threads is None and torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or max(1, available_cores() - max(1, workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _autocast(device: torch.device, amp: bool):
     return torch.autocast(device.type) if amp else contextlib.nullcontext()
 
 
-def _prepare_fn(pixels: BatchPreprocess, tokenizer: Optional[Callable], channels_last: bool) -> Callable[[dict], dict]:
-    """What the prefetch thread does to each batch: float images, caption tokens."""
+def _prepare_fn(pixels: BatchPreprocess, channels_last: bool) -> Callable[[dict], dict]:
+    """What the prefetch thread does to each batch: the float images the model takes."""
     def prepare(batch: dict) -> dict:
         if batch["count"]:
             images = pixels.finish(batch["pixels"])
             batch["images"] = images.to(memory_format=torch.channels_last) if channels_last else images
-            if tokenizer is not None and "captions" in batch:
-                flat = [caption for captions in batch["captions"] for caption in captions]
-                batch["tokens"] = tokenizer(flat)
-                batch["caption_counts"] = torch.tensor([len(c) for c in batch["captions"]])
         return batch
     return prepare
+
+
+def _tokens(batch: dict, tokenizer: Optional[Callable]) -> Optional[torch.Tensor]:
+    """The batch's caption tokens (made here when the loader did not make them); None without captions."""
+    if "captions" not in batch:
+        return None
+    if "tokens" in batch:
+        return batch["tokens"]
+    if tokenizer is None:
+        raise ValueError("a tokenizer is needed to embed captions")
+    return tokenizer([caption for captions in batch["captions"] for caption in captions])
 
 
 class _Collector:
@@ -81,7 +115,8 @@ class _Collector:
         if text is not None:
             self.text.append(text)
             index = torch.arange(self.images, self.images + len(image))
-            self.owner.append(index.repeat_interleave(batch["caption_counts"]))
+            counts = torch.tensor([len(captions) for captions in batch["captions"]])
+            self.owner.append(index.repeat_interleave(counts))
         self.image.append(image)
         self.images += len(image)
 
@@ -94,8 +129,9 @@ class _Collector:
 
 
 def embed_batches(model: torch.nn.Module, batches: Iterator[dict], device: torch.device,
-                  amp: bool = False, progress: Optional[tqdm] = None) -> Features:
-    """Run the model over prepared batches ("images", optional "labels", "tokens", "caption_counts")."""
+                  tokenizer: Optional[Callable] = None, amp: bool = False,
+                  progress: Optional[tqdm] = None) -> Features:
+    """Run the model over prepared batches ("images", optional "labels", "captions" / "tokens")."""
     collector, start = _Collector(), time.perf_counter()
     with torch.inference_mode(), _autocast(device, amp):
         for batch in batches:
@@ -103,10 +139,9 @@ def embed_batches(model: torch.nn.Module, batches: Iterator[dict], device: torch
             if not batch["count"]:
                 continue
             image = model.encode_image(batch["images"].to(device, non_blocking=True), normalize=True)
-            text = None
-            if "tokens" in batch:
-                text = model.encode_text(batch["tokens"].to(device, non_blocking=True), normalize=True)
-                text = text.float().cpu()
+            text, tokens = None, _tokens(batch, tokenizer)
+            if tokens is not None:
+                text = model.encode_text(tokens.to(device, non_blocking=True), normalize=True).float().cpu()
             collector.add(batch, image.float().cpu(), text)
             if progress is not None:
                 progress.update(batch["count"])
@@ -115,25 +150,29 @@ def embed_batches(model: torch.nn.Module, batches: Iterator[dict], device: torch
 
 def split_features(model: torch.nn.Module, preprocess: Callable, tokenizer: Optional[Callable], info: SplitInfo,
                    batch_size: int = 128, device=None, workers: int = 0, max_samples: Optional[int] = None,
-                   texts: Optional[bool] = None, amp: bool = False, channels_last: bool = False,
-                   progress: bool = False) -> Features:
-    """Embeddings of a split: images always; labels for classification; captions for retrieval.
+                   labels: Optional[bool] = None, texts: Optional[bool] = None, amp: bool = False,
+                   channels_last: bool = False, progress: bool = False) -> Features:
+    """Embeddings of a split: images always, plus `labels` (default: for classification splits) and the
+    embeddings of every caption (`texts`, default: for retrieval splits, with `tokenizer`).
 
-    `texts` (default: the split is a retrieval split) embeds every caption with `tokenizer`.
     Raises ValueError naming the split when it holds no usable sample.
     """
+    labels = info.task == "classification" if labels is None else labels
     texts = info.task == "retrieval" if texts is None else texts
     if texts and tokenizer is None:
         raise ValueError("a tokenizer is needed to embed captions")
     pixels = BatchPreprocess(preprocess)
-    stream = SplitStream(info.urls, pixels, batch_size, labels=info.task == "classification", captions=texts)
+    workers = min(max(workers, 0), len(info.urls))
+    # Worker processes tokenize (no GIL shared with the model); without workers the main thread does.
+    stream = SplitStream(info.urls, pixels, batch_size, labels=labels, captions=texts,
+                         tokenizer=tokenizer if texts and workers > 0 else None)
     device = torch.device(device) if device is not None else model_device(model)
-    prepare = _prepare_fn(pixels, tokenizer if texts else None, channels_last)
+    prepare = _prepare_fn(pixels, channels_last)
     total = min(filter(None, (info.size, max_samples)), default=None)
     bar = tqdm(total=total, unit="img", desc=f"{info.name}/{info.split}", disable=not progress, leave=False)
     with bar:
         batches = prefetch(Limit(max_samples)(batch_iterator(stream, workers)), prepare)
-        features = embed_batches(model, batches, device, amp, bar)
+        features = embed_batches(model, batches, device, tokenizer if texts else None, amp, bar)
     if features.samples == 0:
         where = f"{info.root}/{info.split}"
         raise ValueError(f"no usable samples in {where}" + (f" (skipped: {features.skipped})"

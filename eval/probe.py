@@ -4,7 +4,7 @@ kNN follows the SSL literature (InstDisc, DINO's `knn_classifier`): cosine simil
 feature, the k = 20 nearest vote for their class with weight exp(similarity / 0.07), the class scores are
 the summed votes. The linear probe is scikit-learn's multinomial LogisticRegression (L2, C = 1) on the
 L2-normalised features. Both report `classification_metrics` (acc1, acc5, mean_per_class_recall), prefixed
-`knn_` and `linear_`.
+`knn_` and `linear_probe_`.
 """
 from __future__ import annotations
 
@@ -71,4 +71,4 @@ def linear_probe_metrics(train_features: torch.Tensor, train_labels: torch.Tenso
     scores = torch.full((len(test_features), num_classes), -1.0, dtype=torch.float64)
     scores[:, torch.as_tensor(model.classes_, dtype=torch.long)] = torch.from_numpy(probabilities)
     metrics = classification_metrics(scores, torch.as_tensor(test_labels, dtype=torch.long))
-    return {f"linear_{name}": value for name, value in metrics.items()}
+    return {f"linear_probe_{name}": value for name, value in metrics.items()}

@@ -46,19 +46,32 @@ def _check(image_features: torch.Tensor, text_features: torch.Tensor, text_to_im
         raise ValueError(f"image {missing} has no caption: every image needs at least one")
 
 
-def _rank_of_target(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1-based rank of column target[i] in row i, ties ordered by column index."""
-    columns = torch.arange(scores.shape[1])
-    positive = scores.gather(1, target[:, None])
-    ahead = (scores > positive) | ((scores == positive) & (columns[None, :] < target[:, None]))
-    return 1 + ahead.sum(dim=1)
+def _rank_of(scores: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+    """1-based rank of column[i] in row i of `scores`, tied scores ordered by column index."""
+    value = scores.gather(1, column[:, None])
+    rank = 1 + (scores > value).sum(dim=1)
+    tied = ((scores == value).sum(dim=1) > 1).nonzero().flatten()  # rare: only these rows need the index
+    if len(tied):
+        before = torch.arange(scores.shape[1])[None, :] < column[tied, None]
+        rank[tied] += ((scores[tied] == value[tied]) & before).sum(dim=1)
+    return rank
 
 
-def _first_positive(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """Per row, the column of the best-scoring positive (lowest index among equal bests)."""
-    masked = scores.masked_fill(~positive, float("-inf"))
-    best = masked.max(dim=1, keepdim=True).values
-    return ((masked == best) & positive).float().argmax(dim=1)  # argmax returns the first maximum
+def captions_by_image(text_to_image: torch.Tensor, images: int) -> torch.Tensor:
+    """[images, max captions] caption indices, ascending; short rows repeat their first caption."""
+    order = torch.sort(text_to_image, stable=True).indices
+    counts = torch.bincount(text_to_image, minlength=images)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(int(counts.max()))[None, :]
+    position = starts[:, None] + torch.where(slot < counts[:, None], slot, torch.zeros_like(slot))
+    return order[position]
+
+
+def _best_caption(scores: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+    """Per row, the caption (of that row's image) scoring highest; the lowest index among equal bests."""
+    values = scores.gather(1, captions)
+    best = values.max(dim=1, keepdim=True).values
+    return torch.where(values == best, captions, captions.max() + 1).min(dim=1).values
 
 
 def _hits(top: torch.Tensor, correct_of: torch.Tensor, query_ids: torch.Tensor) -> int:
@@ -73,7 +86,7 @@ def _text_to_image(image_features, text_features, text_to_image, ks, block_size)
     for start in range(0, texts, block_size):
         scores = text_features[start:start + block_size] @ image_features.T  # [b, images]
         target = text_to_image[start:start + block_size]
-        ranks[start:start + len(scores)] = _rank_of_target(scores, target)
+        ranks[start:start + len(scores)] = _rank_of(scores, target)
         for k in ks:
             top = scores.topk(min(k, images), dim=1).indices
             hits[k] += _hits(top, identity, target)
@@ -83,11 +96,12 @@ def _text_to_image(image_features, text_features, text_to_image, ks, block_size)
 def _image_to_text(image_features, text_features, text_to_image, ks, block_size):
     texts, images = len(text_features), len(image_features)
     ranks, hits = torch.empty(images, dtype=torch.long), {k: 0 for k in ks}
+    captions = captions_by_image(text_to_image, images)
     for start in range(0, images, block_size):
-        scores = (text_features @ image_features[start:start + block_size].T).T  # [b, texts]
+        # texts @ images.T like CLIP_benchmark (same rounding), transposed and made contiguous for topk
+        scores = (text_features @ image_features[start:start + block_size].T).T.contiguous()  # [b, texts]
         ids = torch.arange(start, start + len(scores))
-        positive = text_to_image[None, :] == ids[:, None]
-        ranks[start:start + len(scores)] = _rank_of_target(scores, _first_positive(scores, positive))
+        ranks[start:start + len(scores)] = _rank_of(scores, _best_caption(scores, captions[ids]))
         for k in ks:
             top = scores.topk(min(k, texts), dim=1).indices
             hits[k] += _hits(top, text_to_image, ids)

@@ -105,10 +105,16 @@ def group_samples(members: Iterable[Tuple[str, bytes]], url: str) -> Iterator[di
         yield sample
 
 
-def shard_samples(url: str, on_error: Callable[[Exception], None]) -> Iterator[dict]:
-    """The samples of one local shard; an unreadable shard is reported to `on_error` and the rest skipped."""
+def _members_until_error(url: str, on_error: Callable[[Exception], None]) -> Iterator[Tuple[str, bytes]]:
     try:
         with open(url, "rb", buffering=1 << 20) as stream:
-            yield from group_samples(tar_members(stream), url)
+            yield from tar_members(stream)
     except (OSError, ValueError) as err:
         on_error(err)
+
+
+def shard_samples(url: str, on_error: Callable[[Exception], None]) -> Iterator[dict]:
+    """The samples of one local shard. An unreadable shard is reported to `on_error` once and the rest of it
+    skipped; the samples read before the damage are kept (the last one may lack a file and be rejected
+    when decoded)."""
+    yield from group_samples(_members_until_error(url, on_error), url)

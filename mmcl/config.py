@@ -192,7 +192,9 @@ def apply_override(tree: dict, assignment: str) -> None:
     keys = dotted.strip().split(".")
     node = tree
     for key in keys[:-1]:
-        node = node.setdefault(key, {})
+        if node.get(key) is None:  # absent, or an empty section (`train:` alone reads as null)
+            node[key] = {}
+        node = node[key]
         if not isinstance(node, dict):
             raise ConfigError(f"{dotted}: {key} is not a section")
     node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None

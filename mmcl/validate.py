@@ -1,6 +1,8 @@
 """Value checks on a typed recipe, run before any work starts. Each failure names its key."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import os
 from pathlib import Path
@@ -22,12 +24,35 @@ def check_model(recipe: Recipe) -> None:
         for key in ("embed_dim", "vision_cfg", "text_cfg"):
             if key not in m.config:
                 raise ConfigError(f"model.config.{key}: missing (open_clip model configs need it)")
+        check_model_config(m.config)
     for key in ("pretrained", "image_weights", "text_weights"):
         path = getattr(m, key)
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"model.{key}: file not found: {path} (weights must be local; nothing downloads)")
     if not m.ssl_head or any(d <= 0 for d in m.ssl_head):
         raise ConfigError(f"model.ssl_head: must be a list of positive sizes, got {m.ssl_head}")
+
+
+def check_model_config(config: dict) -> None:
+    """An inline open_clip config: known keys only, so a typo fails here rather than as a TypeError in open_clip."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    known = {"custom_text"} | set(inspect.signature(open_clip.CLIP).parameters)
+    known |= set(inspect.signature(open_clip.CustomTextCLIP).parameters)
+    check_keys("model.config", config, known)
+    if isinstance(config["embed_dim"], bool) or not isinstance(config["embed_dim"], int) or config["embed_dim"] <= 0:
+        raise ConfigError(f"model.config.embed_dim: must be a positive integer, got {config['embed_dim']!r}")
+    for key, cfg_class in (("vision_cfg", CLIPVisionCfg), ("text_cfg", CLIPTextCfg)):
+        if not isinstance(config[key], dict):
+            raise ConfigError(f"model.config.{key}: expected a mapping, got {type(config[key]).__name__}")
+        check_keys(f"model.config.{key}", config[key], {f.name for f in dataclasses.fields(cfg_class)})
+
+
+def check_keys(where: str, mapping: dict, known: set) -> None:
+    for key in mapping:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown key (expected one of: {', '.join(sorted(known))})")
 
 
 def check_data(recipe: Recipe) -> None:

@@ -144,6 +144,21 @@ def test_core_chunked_equals_dense(case, rows, chunk_size):
     assert_all_close(chunked, dense)
 
 
+@pytest.mark.parametrize("case", ["symmetric", "pos_keys"])
+def test_chunked_backward_scales_with_upstream_gradient(case):
+    query, keys, positives = leaves((10, 6), (10, 6), (10, 6), seed=4)
+    scale = torch.tensor(3.0, requires_grad=True)
+    options = {"symmetric": dict(symmetric=True), "pos_keys": dict(pos_keys=positives)}[case]
+
+    def weighted(chunk):  # a negative upstream gradient, as from a loss weight in a sum of objectives
+        return lambda q, k, s, p: -2.5 * info_nce(q, k, s, chunk_size=chunk, **options)
+
+    inputs = [query, keys, scale, positives]
+    dense = loss_and_grads(lambda *x: weighted(None)(*x) + 0 * positives.sum(), inputs)
+    chunked = loss_and_grads(lambda *x: weighted(4)(*x) + 0 * positives.sum(), inputs)
+    assert_all_close(chunked, dense)
+
+
 def test_core_pos_keys_matches_explicit_cross_entropy():
     query, positive, negatives = (F.normalize(x, dim=-1) for x in leaves((6, 8), (6, 8), (11, 8)))
     logits = torch.cat([(query * positive).sum(1, keepdim=True), query @ negatives.T], dim=1) / 0.2

@@ -6,8 +6,13 @@ from torch import nn
 from mmcl.config import Recipe
 from mmcl.objectives.base import Objective
 from mmcl.objectives.clip import SIGLIP_INIT_BIAS, SIGLIP_INIT_SCALE, ClipObjective, SigLipObjective
+from mmcl.objectives.moco import MoCoObjective
+from mmcl.objectives.simclr import SimCLRObjective
+from mmcl.objectives.slip import SlipObjective
+from mmcl.objectives.xqueue import ClipQueueObjective
 
-REGISTRY = {"clip": ClipObjective, "siglip": SigLipObjective}
+REGISTRY = {"clip": ClipObjective, "siglip": SigLipObjective, "simclr": SimCLRObjective, "moco": MoCoObjective,
+            "slip": SlipObjective}
 
 
 def model_init_kwargs(recipe: Recipe) -> dict:
@@ -21,4 +26,8 @@ def build_objective(recipe: Recipe, model: nn.Module) -> Objective:
     name = recipe.objective.name
     if name not in REGISTRY:
         raise ValueError(f"objective.name: {name} is not available (have: {', '.join(sorted(REGISTRY))})")
+    if recipe.objective.cross_modal_queue:  # an option of CLIP, not an objective of its own
+        if name != "clip":
+            raise ValueError(f"objective.cross_modal_queue: only objective.name=clip has it, not {name}")
+        return ClipQueueObjective(model, recipe)
     return REGISTRY[name](model, recipe)

@@ -29,7 +29,7 @@ class ClipObjective(Objective):
 
     def losses(self, features: Features) -> Dict[str, torch.Tensor]:
         loss = self.loss_fn(features["image"], features["text"], self.model.logit_scale.exp())
-        return {"loss": loss, "loss/clip": loss}
+        return {"loss": loss}
 
     def after_step(self, step: int, total_steps: int) -> None:
         clamp_logit_scale(self.model.logit_scale)
@@ -52,7 +52,7 @@ class SigLipObjective(ClipObjective):
 
     def losses(self, features: Features) -> Dict[str, torch.Tensor]:
         loss = self.loss_fn(features["image"], features["text"], self.model.logit_scale.exp(), self.model.logit_bias)
-        return {"loss": loss, "loss/siglip": loss}
+        return {"loss": loss}
 
     def log_values(self) -> Dict[str, float]:
         return {"logit_scale": float(self.model.logit_scale.detach().exp()),

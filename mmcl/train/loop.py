@@ -49,6 +49,7 @@ def train(recipe: Recipe) -> dict:
             rng = None
         for batch in batches:
             losses, finite = optimizer_step(run, batch)
+            meter.add(losses, finite)
             if state.step % t.log_every == 0 or state.step == run.plan.total_steps:
                 run.log.write(meter.record(run, losses))
             if state.bad_steps >= t.max_bad_steps:
@@ -115,18 +116,28 @@ def optimizer_step(run: Run, batch: dict):
 
 
 class Meter:
-    """Throughput between log records, and the record itself (also drives the progress bar)."""
+    """Mean losses and throughput between log records; builds each record (and drives the progress bar)."""
 
     def __init__(self, samples: int, step: int):
         self.tick, self.samples, self.step = time.time(), samples, step
+        self.sums: Dict[str, float] = {}
+        self.count = 0
+
+    def add(self, losses: Dict[str, Any], finite: bool) -> None:
+        if finite:  # a skipped non-finite step is counted separately, not averaged in
+            for key, value in losses.items():
+                self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            self.count += 1
 
     def record(self, run: Run, losses: Dict[str, Any]) -> dict:
         state, now = run.state, time.time()
         rate = (state.samples - self.samples) / max(now - self.tick, 1e-9)
+        means = {k: v / self.count for k, v in self.sums.items()} if self.count else {k: float(v) for k, v in losses.items()}
         record = {"step": state.step, "epoch": state.epoch, "lr": run.scheduler.get_last_lr()[0],
-                  "samples_per_s": rate, **{k: float(v) for k, v in losses.items()}, **run.objective.log_values(),
+                  "samples_per_s": rate, **means, **run.objective.log_values(),
                   "skipped_steps": state.skipped_steps,
                   **{f"skipped/{k}": v for k, v in sorted(state.skipped_samples.items())}}
         run.log.progress(state.step - self.step, {"loss": f"{record['loss']:.3f}", "samples/s": f"{rate:.0f}"})
         self.tick, self.samples, self.step = now, state.samples, state.step
+        self.sums, self.count = {}, 0
         return record

@@ -82,14 +82,35 @@ def sample_spec(recipe: Recipe, objective: Objective, model_cfg: dict, tokenizer
         num_views=d.num_views, max_pixels=d.max_pixels)
 
 
+class DataRng:
+    """A torch RNG stream of its own for data loading, apart from the one the model draws from.
+
+    The DataLoader draws a seed from the global RNG when it starts, and in-process loading (data.workers=0)
+    augments with it. Without this, the model's random draws (dropout, patch dropout) would depend on how many
+    batches were loaded before them, and a resumed run, which re-reads and skips the batches already trained,
+    would not continue the way the uninterrupted run did.
+    """
+
+    def __init__(self):
+        self.state = None  # the first call starts from the global state (the stream then seeds itself)
+
+    def run(self, fn):
+        with torch.random.fork_rng(devices=[]):
+            if self.state is not None:
+                torch.set_rng_state(self.state)
+            out = fn()
+            self.state = torch.get_rng_state()
+        return out
+
+
 def epoch_batches(recipe: Recipe, plan: DataPlan, spec: SampleSpec, epoch: int, skip: int) -> Iterator[dict]:
     """This process's batches for one epoch, after skipping the `skip` already trained (exact resume)."""
-    d = recipe.data
+    d, rng = recipe.data, DataRng()
     stream = ShardStream(plan.urls, spec, recipe.train.batch_size, seed=recipe.train.seed, epoch=epoch,
                          resampled=d.resampled, weights=plan.weights, shuffle_buffer=d.shuffle_buffer)
-    loader = iter(make_loader(stream, d.workers))
+    loader = rng.run(lambda: iter(make_loader(stream, d.workers)))
     for index in range(plan.steps_per_epoch):
-        batch = next(loader)
+        batch = rng.run(lambda: next(loader))
         if index >= skip:
             yield batch
 

@@ -113,10 +113,10 @@ def trainable(module: nn.Module) -> List[torch.Tensor]:
 
 
 def sync_gradients(params: List[torch.Tensor]) -> None:
-    """Average gradients over processes with one bucketed all-reduce (no DDP wrapper: see README)."""
+    """Average gradients over processes with one bucketed all-reduce (no DDP wrapper: see README).
+
+    Every process runs the same code on the same towers, so the set of parameters with a gradient is the
+    same everywhere; parameters without one (unused this step) are left alone.
+    """
     if distributed.is_distributed():
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        distributed.all_reduce_mean_(grads)
-        for p, g in zip(params, grads):
-            if p.grad is None:
-                p.grad = g
+        distributed.all_reduce_mean_([p.grad for p in params if p.grad is not None])
