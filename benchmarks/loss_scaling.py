@@ -110,7 +110,8 @@ def run_config(mode: str, batch: int, args) -> dict:
     command = [sys.executable, __file__, "--one", mode, "--batch", str(batch), "--dim", str(args.dim),
                "--chunk-size", str(args.chunk_size), "--repeats", str(repeats),
                "--memory-limit-gb", str(args.memory_limit_gb), "--threads", str(args.threads)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=python_path)
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {**record, "status": f"failed (exit {done.returncode})", "detail": done.stderr[-500:]}

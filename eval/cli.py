@@ -91,7 +91,8 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
 def add_eval_subcommands(subparsers) -> argparse.ArgumentParser:
     """Add `eval` and its commands to an argparse subparsers object."""
     parser = subparsers.add_parser("eval", help="evaluate a model: zero-shot, retrieval, probes, geometry",
-                                   description=__doc__.split("\n\n")[0])
+                                   description="Evaluate a model on datasets in CLIP_benchmark's webdataset "
+                                               "layout; metrics as CLIP_benchmark defines them.")
     commands = parser.add_subparsers(dest="eval_command", required=True)
     for command, (summary, _) in COMMANDS.items():
         p = commands.add_parser(command, help=summary, description=summary)

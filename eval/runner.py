@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, fields
+from collections import Counter
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
@@ -91,9 +92,9 @@ def _retrieval(model, preprocess, tokenizer, root, split, opts: EvalOptions, ran
     metrics, details = {}, {"captions": len(features.text)}
     if ranked:
         metrics, ranks = evaluate_retrieval(features.image, features.text, features.text_to_image, opts.recall_k)
-        details["recall_curve"] = {name: recall_curve(r, min(CURVE_MAX_K, candidates))
-                                   for (name, r), candidates in zip(ranks.items(), (features.samples,
-                                                                                    len(features.text)))}
+        details["recall_curve"] = {  # text -> image ranks images; image -> text ranks captions
+            "image_retrieval": recall_curve(ranks["image_retrieval"], min(CURVE_MAX_K, features.samples)),
+            "text_retrieval": recall_curve(ranks["text_retrieval"], min(CURVE_MAX_K, len(features.text)))}
     if opts.geometry or not ranked:
         metrics.update(geometry_metrics(features.image, features.text, features.text_to_image))
     return info, features, metrics, details
@@ -110,7 +111,7 @@ def _probe(model, preprocess, root, split, opts: EvalOptions, linear: bool):
     if linear:
         metrics.update(linear_probe_metrics(train.image, train.labels, test.image, test.labels, classes,
                                             opts.probe_c))
-    test.skipped = {k: train.skipped.get(k, 0) + test.skipped.get(k, 0) for k in {**train.skipped, **test.skipped}}
+    test.skipped = dict(Counter(train.skipped) + Counter(test.skipped))  # bad samples of both splits
     return info, test, metrics, {"train_split": opts.train_split, "train_samples": train.samples}
 
 
@@ -134,13 +135,9 @@ def evaluate_dataset(model: torch.nn.Module, preprocess: Callable, tokenizer: Op
         raise ValueError(f"{task} needs a tokenizer (a model with a text tower)")
     start = time.perf_counter()
     device = opts.device or model_device(model)
-    with eval_mode(model), model_threads(device, min(opts.workers, 64), opts.threads):
+    with eval_mode(model), model_threads(device, opts.workers, opts.threads):
         info, features, metrics, details = _run_task(task, model, preprocess, tokenizer, root, split, opts)
     seconds = time.perf_counter() - start
     return {"dataset": f"wds/{info.name}", "root": root, "split": split, "task": task, "metrics": metrics,
             "samples": features.samples, "skipped": features.skipped, "seconds": seconds,
             "images_per_s": features.samples / seconds if seconds > 0 else float("inf"), "details": details}
-
-
-def option_names() -> list:
-    return [f.name for f in fields(EvalOptions)]

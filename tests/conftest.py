@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -49,9 +50,25 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
         node[last] = value
 
 
-def subprocess_env() -> Dict[str, str]:
+def subprocess_env(**extra: str) -> Dict[str, str]:
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", **extra)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(nproc: int = 2) -> List[str]:
+    """Arguments that start `nproc` real processes (`accelerate launch --cpu` would start only one)."""
+    return ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port())]
+
+
+# Several processes on one CPU box: keep them off any GPU so that each gets the gloo CPU backend.
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
 
 
 @pytest.fixture(scope="session")
@@ -86,8 +103,19 @@ def tiny_recipe(tmp_path, digits_root) -> Callable[..., Path]:
 def run_mmcl() -> Callable[..., subprocess.CompletedProcess]:
     """Run `python -m mmcl ARGS` (or `python -m torch.distributed.run ... -m mmcl ARGS`) in a subprocess."""
 
-    def run(args: List[str], launcher: Optional[List[str]] = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    def run(args: List[str], launcher: Optional[List[str]] = None, timeout: float = 300,
+            env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
         command = [sys.executable] + (launcher or []) + ["-m", "mmcl"] + [str(a) for a in args]
-        return subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(command, cwd=REPO, env=subprocess_env(**(env or {})), capture_output=True, text=True,
+                              timeout=timeout)
 
     return run
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps its state in process-wide singletons: drop them after a test that made an Accelerator."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -18,6 +18,8 @@ from data_pipelines.writers import ShardWriter
 from eval import evaluate_dataset
 from eval.cli import load_model, main
 
+pytestmark = pytest.mark.filterwarnings("ignore:WebDataset\\(shardshuffle")  # clip_benchmark's loader
+
 MODEL_CFG = {"embed_dim": 16,
              "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}

@@ -66,9 +66,11 @@ def save(run_dir: Path, step: int, module: nn.Module, state: Dict[str, Any], met
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
-    """Remove all but the newest `keep_last` complete checkpoints, and stale temporaries."""
+    """Remove all but the newest `keep_last` complete checkpoints, and stale temporaries (left by a kill)."""
     for old in runs.complete_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in (Path(run_dir) / runs.CHECKPOINTS).glob("*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def load(checkpoint: Path, module: nn.Module) -> Dict[str, Any]:

@@ -19,10 +19,11 @@ class RunLog:
         self.bar = None
         if not enabled:
             return
+        keep_until(self.path, start_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1)
         except ImportError:  # tensorboard is optional at run time; JSONL always works
             self.tb = None
         if progress:
@@ -53,8 +54,24 @@ class RunLog:
             self.tb.close()
 
 
+def keep_until(path: Path, step: int) -> None:
+    """Drop records after `step`: those of an interrupted run past its last checkpoint, which the resumed run
+    writes again (a fresh run, step 0, starts an empty log), and a line torn by a kill."""
+    if path.is_file():
+        kept = [r for r in parse_records(path.read_text()) if r.get("step", 0) <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def parse_records(text: str) -> list:
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # empty, or cut short when the process was killed mid-write
+            continue
+    return records
+
+
 def read_metrics(run_dir: Path) -> list:
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return parse_records(path.read_text()) if path.is_file() else []

@@ -35,7 +35,9 @@ def global_batches(tokenizer, steps: int = STEPS, rows: int = GLOBAL_ROWS):
 
 
 def train_steps(recipe_path: str, overrides: list):
-    """Set up the run, take STEPS optimizer steps on this process's rows; returns (run, mean loss per step)."""
+    """Set up the run, take STEPS optimizer steps on this process's rows.
+
+    Returns (run, mean loss of each step, largest change of any weight: the steps must have moved them)."""
     from mmcl.config import load_recipe
     from mmcl.distributed import all_reduce_mean_
     from mmcl.models import factory
@@ -46,6 +48,7 @@ def train_steps(recipe_path: str, overrides: list):
     run, _ = loop.start(load_recipe(recipe_path, overrides + [f"train.batch_size={rows}", f"train.max_steps={STEPS}"]))
     assert run.accelerator.num_processes == world
     start = run.accelerator.process_index * rows
+    initial = {key: value.clone() for key, value in run.objective.state_dict().items()}
     losses = []
     for batch in global_batches(factory.make_tokenizer(run.model_cfg)):
         mine = {key: value[start:start + rows] for key, value in batch.items()}
@@ -55,7 +58,8 @@ def train_steps(recipe_path: str, overrides: list):
         all_reduce_mean_([loss])
         losses.append(float(loss))
     run.log.close()
-    return run, losses
+    moved = max(float((value - initial[key]).abs().max()) for key, value in run.objective.state_dict().items())
+    return run, losses, moved
 
 
 def main(recipe_path: str, out_dir: str) -> None:
@@ -63,11 +67,12 @@ def main(recipe_path: str, out_dir: str) -> None:
 
     out = Path(out_dir)
     for name, overrides in CASES.items():
-        run, losses = train_steps(recipe_path, overrides + [f"train.output_dir={out / ('run_' + name)}"])
+        run, losses, moved = train_steps(recipe_path, overrides + [f"train.output_dir={out / ('run_' + name)}"])
         if run.accelerator.is_main_process:
             save_weights(run.objective.state_dict(), out / f"{name}.safetensors")
-            (out / f"{name}.json").write_text(json.dumps({"losses": losses, "world": run.accelerator.num_processes,
-                                                         "backend": torch.distributed.get_backend()}))
+            backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
+            report = {"losses": losses, "moved": moved, "world": run.accelerator.num_processes, "backend": backend}
+            (out / f"{name}.json").write_text(json.dumps(report))
         run.accelerator.wait_for_everyone()
 
 
