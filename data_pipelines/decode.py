@@ -27,6 +27,7 @@ KINDS = (
     "bad_caption_encoding",
     "bad_label",
     "read_error",
+    "truncated_tar",
 )
 
 

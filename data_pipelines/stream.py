@@ -11,6 +11,7 @@ which is what makes resume exact.
 """
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -91,6 +92,18 @@ def assign_shards(urls: Sequence[str], seed: int, epoch: int, rank: int, world: 
     return order[rank * workers + worker::slots]
 
 
+def is_truncated(url: str) -> bool:
+    """A local tar that does not end with the end-of-archive marker (zero blocks) was cut short."""
+    if not os.path.isfile(url):
+        return False
+    size = os.path.getsize(url)
+    if size % 512:
+        return True
+    with open(url, "rb") as fh:
+        fh.seek(max(0, size - 1024))
+        return fh.read(1024).strip(b"\0") != b""
+
+
 def resampled_shards(urls: Sequence[str], weights: Optional[Sequence[float]], rng: random.Random) -> Iterator[str]:
     """An endless draw of shards with replacement, weighted (e.g. to mix several sources)."""
     while True:
@@ -145,8 +158,12 @@ class ShardStream(IterableDataset):
             counter.add("read_error")  # truncated or unreadable tar: skip the rest of that shard
             return True
 
-        urls = ({"url": url} for url in self.shard_urls(rng))
-        yield from tarfile_samples(urls, handler=on_error)
+        def opened(url: str) -> dict:
+            if is_truncated(url):  # tarfile reads a cut archive as if it simply ended: check the tail
+                counter.add("truncated_tar")
+            return {"url": url}
+
+        yield from tarfile_samples((opened(url) for url in self.shard_urls(rng)), handler=on_error)
 
     def make_sample(self, raw: dict, rng: random.Random) -> dict:
         spec, out = self.spec, {"key": raw.get("__key__", "")}

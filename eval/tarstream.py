@@ -31,7 +31,9 @@ def _check_header(header: bytes) -> None:
     stored = _octal(header[148:156])
     unsigned = 256 + sum(header[:148]) + sum(header[156:])  # checksum field counted as 8 spaces
     if stored != unsigned:
-        raise ValueError("bad tar header checksum")
+        signed = unsigned - 256 * sum(1 for b in header[:148] + header[156:] if b > 127)  # old tars
+        if stored != signed:
+            raise ValueError("bad tar header checksum")
 
 
 def _header_name(header: bytes) -> str:

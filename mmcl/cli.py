@@ -6,11 +6,17 @@ before any work starts; a run that fails while training exits with code 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def one_line(err: Exception) -> str:
+    """Errors are reported on one line (set MMCL_DEBUG=1 for the traceback)."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def find_recipe(name: str) -> str:
@@ -80,13 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     from mmcl.config import ConfigError
     from mmcl.models.weights import UnsafeCheckpointError
+    from mmcl.train.loop import TrainingError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
     except (ConfigError, FileNotFoundError, UnsafeCheckpointError, ValueError) as err:
-        print(f"mmcl: error: {err}", file=sys.stderr)
+        if os.environ.get("MMCL_DEBUG"):
+            raise
+        print(f"mmcl: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except TrainingError as err:  # the run started but cannot go on; its last good checkpoint is kept
+        print(f"mmcl: error: {one_line(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("mmcl: interrupted", file=sys.stderr)
         return 130

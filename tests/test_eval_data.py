@@ -65,6 +65,17 @@ def test_truncated_tar_reports_an_error(tmp_path):
     assert [s["__key__"] for s in samples] == ["a"] and len(errors) == 1
 
 
+def test_damaged_header_is_a_read_error(tmp_path):
+    path = tmp_path / "0.tar"
+    write_tar(str(path), [("a.jpg", b"x"), ("b.jpg", b"y")])
+    data = bytearray(path.read_bytes())
+    data[1024] ^= 0xFF  # first byte of b.jpg's header: its checksum no longer matches
+    path.write_bytes(bytes(data))
+    errors = []
+    assert [s["__key__"] for s in shard_samples(str(path), errors.append)] == ["a"]
+    assert "checksum" in str(errors[0])
+
+
 # ---- preprocess --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode, size", [("RGB", (40, 30)), ("L", (16, 16)), ("RGBA", (9, 50)), ("P", (33, 33))])

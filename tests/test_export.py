@@ -13,6 +13,7 @@ from PIL import Image
 
 from data_pipelines import shards
 from mmcl import runs
+from mmcl.cli import main
 from mmcl.config import load_recipe
 from mmcl.models import load_model
 from mmcl.train import train
@@ -57,10 +58,10 @@ def test_export_loads_in_open_clip_and_embeds_like_the_run(trained_run, tmp_path
     assert json.loads((out / "open_clip_config.json").read_text())["model_cfg"]["embed_dim"] == 32
 
 
-def test_export_of_a_chosen_checkpoint(trained_run, tmp_path, run_mmcl):
+def test_export_of_a_chosen_checkpoint(trained_run, tmp_path):
     older = trained_run / runs.CHECKPOINTS / runs.checkpoint_name(2)
     out = tmp_path / "export_step2"
-    assert run_mmcl(["export", trained_run, "--out", out, "--checkpoint", older], timeout=120).returncode == 0
+    assert main(["export", str(trained_run), "--out", str(out), "--checkpoint", str(older)]) == 0
     from_older = open_clip.create_model_and_transforms(f"local-dir:{out}")[0].state_dict()
     newest = load_model(str(trained_run))[0].state_dict()
     assert from_older.keys() == newest.keys()
@@ -69,8 +70,6 @@ def test_export_of_a_chosen_checkpoint(trained_run, tmp_path, run_mmcl):
 
 
 def test_export_of_a_folder_that_is_not_a_run(tmp_path, capsys):
-    from mmcl.cli import main
-
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "export")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("mmcl: error: ") and "not an mmcl run directory" in err[0]

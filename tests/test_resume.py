@@ -15,12 +15,12 @@ from conftest import REPO, subprocess_env
 from mmcl import runs
 from mmcl.train.logs import read_metrics
 
-STEPS = 30
+STEPS = 20
 # Randomness everywhere it can hide: worker-process augmentation, a shuffle buffer, patch dropout in the model
 # (it draws from the global torch RNG), and feature-cache accumulation (it replays that RNG per micro-batch).
 RESUME_RECIPE = {"train.max_steps": STEPS, "train.save_every": 5, "train.keep_last": 2, "train.log_every": 1,
                  "train.deterministic": True, "train.accum_steps": 2, "data.workers": 1,
-                 "data.samples_per_epoch": 384,  # 12 steps an epoch: the kill and the resume fall mid-epoch
+                 "data.samples_per_epoch": 256,  # 8 steps an epoch: the kill and the resume fall mid-epoch
                  "train.epochs": 3, "model.config.vision_cfg.patch_dropout": 0.25}
 
 

@@ -109,16 +109,15 @@ def knn_acc1(model, root: str) -> float:
 
 @pytest.mark.slow
 def test_short_simclr_run_improves_knn_over_the_untrained_tower(tmp_path, digits_root):
-    recipe = digits_recipe(tmp_path, digits_root, "simclr", ["train.max_steps=40"])
+    recipe = digits_recipe(tmp_path, digits_root, "simclr", ["train.max_steps=60"])
     torch.manual_seed(recipe.train.seed)  # the trainer builds the towers from this seed too
     untrained, _ = build_model(recipe.model)
     before = knn_acc1(untrained, digits_root)
     summary = train(recipe)
-    assert summary["steps"] == 40 and summary["final_loss"] < summary["first_loss"]
+    assert summary["steps"] == 60 and summary["final_loss"] < summary["first_loss"]
     trained, _, _ = load_model(recipe.train.output_dir)
     after = knn_acc1(trained, digits_root)
-    print("knn before/after", before, after)
-    assert after > before + 0.02, (before, after)
+    assert after > before + 0.03, (before, after)  # seen: 0.571 -> 0.644
 
 
 def final_state(run_dir: str) -> dict:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Callable, Optional, Tuple
 
 import open_clip
-import torch
 from torch import nn
 
 from mmcl import runs
@@ -35,8 +34,8 @@ def load_run(run_dir: Path, checkpoint: Optional[Path] = None) -> Tuple[nn.Modul
 
 def load_open_clip(name: str, weights_file: Optional[str]) -> Tuple[nn.Module, Callable, Callable]:
     """An open_clip built-in architecture (or `local-dir:`) with local weights; nothing downloads."""
-    if weights_file is not None and not Path(weights_file).is_file():
-        raise FileNotFoundError(f"weights file not found: {weights_file}")
+    if weights_file is not None:
+        weights.read_state_dict(weights_file)  # refuses anything but plain tensors before open_clip reads it
     if not name.startswith("local-dir:") and open_clip.get_model_config(name) is None:
         raise ValueError(f"unknown model {name!r}: not a run directory, a local-dir: export or an open_clip "
                          f"architecture (hub names are not fetched; download weights and pass NAME:FILE)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -76,4 +77,8 @@ def prune(run_dir: Path, keep_last: int) -> None:
 def load(checkpoint: Path, module: nn.Module) -> Dict[str, Any]:
     """Restore module weights and buffers; return the training state (optimizer, RNG, data position)."""
     module.load_state_dict(weights.read_state_dict(str(checkpoint / runs.WEIGHTS)), strict=True)
-    return torch.load(checkpoint / runs.STATE, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(checkpoint / runs.STATE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors and plain containers
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "not plain data"
+        raise weights.UnsafeCheckpointError(f"{checkpoint / runs.STATE}: refused ({first})") from None

@@ -83,21 +83,20 @@ def sample_spec(recipe: Recipe, objective: Objective, model_cfg: dict, tokenizer
 
 
 class DataRng:
-    """A torch RNG stream of its own for data loading, apart from the one the model draws from.
+    """A torch RNG stream of its own for one epoch's data loading, seeded from (train.seed, epoch).
 
     The DataLoader draws a seed from the global RNG when it starts, and in-process loading (data.workers=0)
     augments with it. Without this, the model's random draws (dropout, patch dropout) would depend on how many
-    batches were loaded before them, and a resumed run, which re-reads and skips the batches already trained,
-    would not continue the way the uninterrupted run did.
+    batches were loaded before them, and the batches on the model's draws; a resumed run, which re-reads and
+    skips the batches already trained, would then not continue the way the uninterrupted run did.
     """
 
-    def __init__(self):
-        self.state = None  # the first call starts from the global state (the stream then seeds itself)
+    def __init__(self, seed: int):
+        self.state = torch.Generator().manual_seed(seed).get_state()
 
     def run(self, fn):
         with torch.random.fork_rng(devices=[]):
-            if self.state is not None:
-                torch.set_rng_state(self.state)
+            torch.set_rng_state(self.state)
             out = fn()
             self.state = torch.get_rng_state()
         return out
@@ -105,7 +104,7 @@ class DataRng:
 
 def epoch_batches(recipe: Recipe, plan: DataPlan, spec: SampleSpec, epoch: int, skip: int) -> Iterator[dict]:
     """This process's batches for one epoch, after skipping the `skip` already trained (exact resume)."""
-    d, rng = recipe.data, DataRng()
+    d, rng = recipe.data, DataRng(recipe.train.seed * 1_000_003 + epoch)
     stream = ShardStream(plan.urls, spec, recipe.train.batch_size, seed=recipe.train.seed, epoch=epoch,
                          resampled=d.resampled, weights=plan.weights, shuffle_buffer=d.shuffle_buffer)
     loader = rng.run(lambda: iter(make_loader(stream, d.workers)))

@@ -1,0 +1,259 @@
+"""Learning in a fixed wall-clock budget: mmcl vs open_clip_train, both judged by the same evaluator.
+
+    python benchmarks/learning_budget.py [--tasks digits flickr8k] [--digits-budget 240] [--flickr-budget 420]
+
+For each task both trainers get the same budget of wall-clock seconds for the whole training process
+(start-up included, evaluation excluded), the same model config, shards, batch size, precision, worker count
+and optimizer hyperparameters (the mmcl recipe's lr, weight decay, warmup, betas, eps, gradient clipping).
+What differs is what each trainer does by default: caption sampling, crop, parameter groups, and its speed.
+
+1. Calibrate: a short run of each trainer measures its samples/s and its start-up + tear-down seconds.
+2. Plan: each trainer's schedule (warmup + cosine) is set for the steps it can take in 92% of the budget.
+3. Train: a run still going when the budget ends is stopped and its newest complete checkpoint is judged.
+4. Judge: both checkpoints become open_clip `local-dir:` exports and are scored by `mmcl eval all`;
+   clip_benchmark scores the same exports as a cross-check (--cross-check).
+
+Tasks: `digits` (digits_clip_tiny; zero-shot top-1 on the held-out digits) and `flickr8k`
+(flickr8k_clip_tiny at 64 px; Flickr8k test retrieval R@1/5/10 both ways and CIFAR-10 zero-shot top-1).
+"mmcl ahead" counts as clear when the difference exceeds two binomial standard errors.
+
+Writes benchmarks/results/learning_budget.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import openclip_anchor  # noqa: E402
+import train_throughput as tt  # noqa: E402
+
+SAFETY = 0.92
+TASKS = {
+    "digits": {"recipe": "digits_clip_tiny", "train": common.DIGITS, "eval": [common.DIGITS],
+               "metrics": [("digits", "acc1")]},
+    "flickr8k": {"recipe": "flickr8k_clip_tiny", "train": common.SHARED_DATA / "flickr8k",
+                 "eval": [common.SHARED_DATA / "flickr8k", common.SHARED_DATA / "cifar10"],
+                 "metrics": [("flickr8k", f"{d}_retrieval_recall@{k}") for d in ("image", "text") for k in (1, 5, 10)]
+                 + [("cifar10", "acc1")]},
+}
+
+
+def task_args(task: dict, budget: float, workdir: Path, mmcl_threads) -> SimpleNamespace:
+    """What train_throughput's runners need, for this task's recipe."""
+    recipe = tt.load_recipe(task["recipe"], [])
+    return SimpleNamespace(recipe=task["recipe"], recipe_path=str(common.REPO / "recipes" / f"{task['recipe']}.yaml"),
+                           batch_size=recipe.train.batch_size, workers=recipe.data.workers, warmup=5, steps=10,
+                           log_every=5, budget=budget, workdir=workdir, recipe_obj=recipe, mmcl_threads=mmcl_threads)
+
+
+def mmcl_env(args) -> dict:
+    return {"OMP_NUM_THREADS": str(args.mmcl_threads)} if args.mmcl_threads else {}
+
+
+def calibrate(args: SimpleNamespace, name: str, data: Path, model_cfg: dict) -> dict:
+    """Samples/s after warm-up, and the seconds the process spends outside its steps."""
+    tag = f"calibrate_{Path(args.recipe).stem}_{name}"
+    if name == "mmcl":
+        result = tt.run_mmcl(args, data, tag, mmcl_env(args))
+    else:
+        result = tt.run_openclip(args, data, tag, model_cfg, args.recipe_obj)
+    steps_time = (args.warmup + args.steps) * args.batch_size / result["samples_per_s"]
+    return {"samples_per_s": result["samples_per_s"], "process_seconds": result["process_seconds"],
+            "overhead_seconds": max(0.0, result["process_seconds"] - steps_time)}
+
+
+def planned_steps(args: SimpleNamespace, calibration: dict) -> int:
+    usable = args.budget * SAFETY - calibration["overhead_seconds"]
+    return max(10, int(usable * calibration["samples_per_s"] / args.batch_size))
+
+
+def train_mmcl(args: SimpleNamespace, data: Path, steps: int, interval: int) -> dict:
+    out = args.workdir / "mmcl_run"
+    overrides = [f"data.train=[{data}]", f"train.output_dir={out}", f"train.max_steps={steps}", "train.epochs=100000",
+                 f"train.save_every={interval}", "train.keep_last=2", "train.resume=none", "train.progress=false",
+                 "eval.datasets=[]", "eval.retrieval=[]"]
+    log = args.workdir / "mmcl_train.log"
+    result = common.run_logged([sys.executable, "-m", "mmcl", "train", args.recipe_path, *overrides], log,
+                               env=common.child_env(**mmcl_env(args)), deadline=args.budget)
+    common.check_ok(result, log, "mmcl train")
+    export = args.workdir / "mmcl_export"
+    subprocess.run([sys.executable, "-m", "mmcl", "export", str(out), "--out", str(export)], cwd=common.REPO,
+                   check=True, capture_output=True, env=common.child_env())
+    from mmcl import runs
+
+    done = runs.latest_checkpoint(out)
+    return {**result, "steps_done": int(done.name.split("_")[1]), "export": str(export)}
+
+
+def train_openclip(args: SimpleNamespace, data: Path, steps: int, model_cfg: dict) -> dict:
+    """Epochs of about one pass each, sized so that epochs x batches = the planned steps."""
+    model_dir = openclip_anchor.write_model_config(args.workdir / "openclip_models", "bench-model", model_cfg)
+    full = -(-common.split_samples(data) // args.batch_size)
+    epochs = max(1, round(steps / full))
+    o = args.recipe_obj.optim
+    run = openclip_anchor.AnchorRun(
+        model_dir=model_dir, model_name="bench-model", data_root=data,
+        samples_per_epoch=-(-steps // epochs) * args.batch_size, epochs=epochs, batch_size=args.batch_size,
+        workers=args.workers, logs=args.workdir, name="openclip_run", lr=o.lr, weight_decay=o.weight_decay,
+        warmup=o.warmup_steps, betas=tuple(o.betas), eps=o.eps, grad_clip=o.grad_clip, log_every=10)
+    tt.remove_tree(run.run_dir)
+    log = args.workdir / "openclip_train.log"
+    result = common.run_logged(run.command(), log, env=openclip_anchor.env(), deadline=args.budget)
+    common.check_ok(result, log, "open_clip_train")
+    checkpoint = openclip_anchor.latest_checkpoint(run)
+    if checkpoint is None:
+        raise RuntimeError(f"open_clip_train saved no epoch within the budget; see {log}")
+    export = openclip_anchor.export_checkpoint(checkpoint, model_cfg, args.workdir / "openclip_export")
+    done = int(checkpoint.stem.split("_")[1]) * run.steps_per_epoch()
+    return {**result, "steps_done": done, "epochs": epochs, "steps_per_epoch": run.steps_per_epoch(),
+            "export": str(export)}
+
+
+def evaluate(export: str, datasets: List[Path], out: Path) -> Dict[str, dict]:
+    """`mmcl eval all` on a local-dir export: {dataset name: its CLIP_benchmark-schema JSON}."""
+    cmd = [sys.executable, "-m", "mmcl", "eval", "all", "--model", f"local-dir:{export}", "--data",
+           *map(str, datasets), "--out", str(out), "--no-progress", "--device", "cpu"]
+    log = out.with_suffix(".log")
+    common.check_ok(common.run_logged(cmd, log), log, "mmcl eval all")
+    results = {}
+    for path in sorted(out.glob("*_zeroshot_*.json")):
+        data = json.loads(path.read_text())
+        results[path.stem.rsplit("_zeroshot", 1)[0]] = data
+    return results
+
+
+def cross_check(export: str, datasets: List[Path], mmcl_results: Dict[str, dict], out: Path) -> dict:
+    """clip_benchmark on the same export and data; the largest metric difference per dataset."""
+    diffs = {}
+    for root in datasets:
+        task = mmcl_results[root.name]["task"]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--cross-check-child", export, str(root), task]
+        log = out / f"clip_benchmark_{root.name}.log"
+        common.check_ok(common.run_logged(cmd, log), log, "clip_benchmark")
+        theirs = json.loads(log.read_text().strip().splitlines()[-1])
+        ours = mmcl_results[root.name]["metrics"]
+        diffs[root.name] = max(abs(ours[k] - v) for k, v in theirs.items() if is_number(v) and is_number(ours.get(k)))
+    return diffs
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not math.isnan(value)
+
+
+def cross_check_child(export: str, root: str, task: str) -> None:
+    """In this process: clip_benchmark's own dataset builder, loader and metrics (numpy-2 patch included)."""
+    import eval_vs_clip_benchmark as evcb
+    from eval.cli import load_model
+
+    model, preprocess, tokenizer = load_model(f"local-dir:{export}", "cpu")
+    metrics, _ = evcb.run_clip_benchmark(model, preprocess, tokenizer, root, task, 256, 0, None)
+    print(json.dumps(metrics))
+
+
+def standard_error(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
+
+
+def query_count(result: dict, metric: str) -> int:
+    """Images for accuracy and image->text recall; captions (5 per Flickr8k image) for text->image recall."""
+    images = result.get("mmcl", {}).get("samples", 1000)
+    return images * 5 if metric.startswith("image_retrieval") else images
+
+
+def compare(task: dict, mmcl: Dict[str, dict], anchor: Dict[str, dict]) -> List[dict]:
+    rows = []
+    for dataset, metric in task["metrics"]:
+        ours, theirs = mmcl[dataset]["metrics"][metric], anchor[dataset]["metrics"][metric]
+        n = query_count(mmcl[dataset], metric)
+        se = math.hypot(standard_error(ours, n), standard_error(theirs, n))
+        rows.append({"dataset": dataset, "metric": metric, "mmcl": ours, "open_clip_train": theirs,
+                     "difference": ours - theirs, "two_standard_errors": 2 * se, "queries": n,
+                     "ahead": ours > theirs, "clearly_ahead": ours - theirs > 2 * se})
+    return rows
+
+
+def run_task(name: str, budget: float, args) -> dict:
+    task, workdir = TASKS[name], common.WORK / "budget" / name
+    tt.remove_tree(workdir)
+    workdir.mkdir(parents=True)
+    data = common.ensure_digits(task["train"]) if name == "digits" else task["train"]
+    targs = task_args(task, budget, workdir, args.mmcl_threads)
+    from mmcl.models.factory import resolve_model_cfg
+
+    model_cfg = resolve_model_cfg(targs.recipe_obj.model)
+    trainers = {"mmcl": {}, "open_clip_train": {}}
+    for trainer in trainers:
+        common.say(f"budget {name}: calibrating {trainer}")
+        calibration = calibrate(targs, trainer, data, model_cfg)
+        trainers[trainer].update(calibration=calibration, planned_steps=planned_steps(targs, calibration))
+    interval = openclip_anchor.steps_per_epoch(common.split_samples(data), targs.batch_size, targs.workers)
+    for trainer in (["mmcl", "open_clip_train"] if args.first == "mmcl" else ["open_clip_train", "mmcl"]):
+        steps = trainers[trainer]["planned_steps"]
+        common.say(f"budget {name}: training {trainer} for {steps} steps within {budget:.0f} s")
+        run = train_mmcl(targs, data, steps, interval) if trainer == "mmcl" else train_openclip(targs, data, steps, model_cfg)
+        trainers[trainer].update(run)
+    for trainer, info in trainers.items():
+        common.say(f"budget {name}: evaluating {trainer}")
+        info["results"] = evaluate(info["export"], task["eval"], workdir / f"eval_{trainer}")
+        info["metrics"] = {ds: r["metrics"] for ds, r in info["results"].items()}
+        if args.cross_check:
+            checked = task["eval"] if args.cross_check == "all" else task["eval"][:1]
+            info["clip_benchmark_max_difference"] = cross_check(info["export"], checked, info["results"], workdir)
+    rows = compare(task, trainers["mmcl"]["results"], trainers["open_clip_train"]["results"])
+    for info in trainers.values():
+        info.pop("results")
+    return {"recipe": task["recipe"], "budget_seconds": budget, "batch_size": targs.batch_size,
+            "mmcl_threads": args.mmcl_threads or "torch default",
+            "workers": targs.workers, "trainers": trainers, "comparison": rows,
+            "all_clearly_ahead": all(r["clearly_ahead"] for r in rows), "all_ahead": all(r["ahead"] for r in rows)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--digits-budget", type=float, default=240.0, help="seconds per trainer")
+    p.add_argument("--flickr-budget", type=float, default=420.0, help="seconds per trainer")
+    p.add_argument("--cross-check", choices=["first", "all", ""], default="first",
+                   help="clip_benchmark on the first eval dataset of each task (default), all, or none")
+    p.add_argument("--first", choices=["mmcl", "open_clip_train"], default="mmcl", help="which trains first")
+    p.add_argument("--mmcl-threads", type=int, default=None,
+                   help="OMP_NUM_THREADS for mmcl's runs (default: torch's default, as shipped)")
+    p.add_argument("--quick", action="store_true", help="budgets of 60 s (digits) and 90 s (flickr8k)")
+    p.add_argument("--out", default="learning_budget.json")
+    p.add_argument("--cross-check-child", nargs=3, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.cross_check_child:
+        return cross_check_child(*args.cross_check_child)
+    if args.quick:
+        args.digits_budget, args.flickr_budget = 60.0, 90.0
+    openclip_anchor.ensure_env()
+    machine = common.machine_info()
+    budgets = {"digits": args.digits_budget, "flickr8k": args.flickr_budget}
+    tasks = {name: run_task(name, budgets[name], args) for name in args.tasks}
+    report = {"machine": machine, "safety": SAFETY, "tasks": tasks, "notes": NOTES}
+    path = common.write_json(args.out, report)
+    common.say(f"wrote {path}")
+    return report
+
+
+NOTES = [
+    "Same optimizer hyperparameters for both (the mmcl recipe's); open_clip_train tokenizes the whole txt "
+    "(caption lines joined, truncated), mmcl samples one caption line per image each time it is seen.",
+    "Each trainer's step count is planned from its own calibrated samples/s: a faster trainer takes more steps.",
+]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""The results table: one markdown table from the JSON files in benchmarks/results/, with its header.
+
+    python benchmarks/report.py [--results benchmarks/results] [--no-write]
+
+Columns: comparison | data | setting | mmcl | anchor | ratio | target | met?  A missing JSON gives a
+"not run" row, so the table always lists every comparison of the suite. The table replaces what lies
+between the `results:begin` / `results:end` markers of benchmarks/README.md and docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+RERUN = "python benchmarks/run_all.py"
+Row = List[str]
+
+
+def num(value, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def spread(summary: dict, digits: int = 1) -> str:
+    """`median (min-max)` of a summary."""
+    if not summary or summary.get("median") is None:
+        return "-"
+    if len(summary.get("values", [])) < 2:
+        return num(summary["median"], digits)
+    return f"{num(summary['median'], digits)} ({num(summary['min'], digits)}-{num(summary['max'], digits)})"
+
+
+def met(flag: Optional[bool]) -> str:
+    return "-" if flag is None else ("yes" if flag else "**no**")
+
+
+def ratio_cell(comparison: dict) -> str:
+    if not comparison or comparison.get("ratio") is None:
+        return "-"
+    paired = comparison.get("paired", {})
+    if paired.get("values") and len(paired["values"]) > 1:
+        return f"{comparison['ratio']:.2f}x ({paired['min']:.2f}-{paired['max']:.2f})"
+    return f"{comparison['ratio']:.2f}x"
+
+
+def throughput_rows(d: dict) -> List[Row]:
+    s, summary = d["settings"], d["summary"]
+    data = f"{Path(s['data']).name} shards"
+    setting = f"{s['recipe']}, batch {s['batch_size']}, fp32, {s['workers']} workers, {s['measured_steps']} steps x {s['repeats']}"
+    rows = [["1 train samples/s vs open_clip_train", data, setting, spread(summary["mmcl"]),
+             spread(summary["open_clip_train"]), ratio_cell(d["mmcl_vs_open_clip_train"]), ">= 1.3x",
+             met(d["mmcl_vs_open_clip_train"]["met"])],
+            ["1 pipeline efficiency: end-to-end / in-memory", data, setting, spread(summary["mmcl"]),
+             spread(summary["mmcl_in_memory"]) + " (in memory)", ratio_cell(d["pipeline_efficiency"]), ">= 0.95",
+             met(d["pipeline_efficiency"]["met"])]]
+    for name in summary:
+        if name.startswith("mmcl_threads_"):
+            n = name.rsplit("_", 1)[1]
+            ceiling = name.replace("mmcl_threads_", "mmcl_in_memory_threads_")
+            for key, label, anchor in ((f"{name}_vs_open_clip_train", "vs open_clip_train", "open_clip_train"),
+                                       (f"{name}_vs_in_memory", "vs in-memory", ceiling)):
+                rows.append([f"1 mmcl with {n} torch thread(s) {label} (proposed fix)", data, setting,
+                             spread(summary[name]), spread(summary[anchor]), ratio_cell(d[key]),
+                             f">= {d[key]['target']}", met(d[key]["met"])])
+    return rows
+
+
+def budget_rows(d: dict) -> List[Row]:
+    rows = []
+    for name, task in d["tasks"].items():
+        trainers = task["trainers"]
+        steps = f"{trainers['mmcl'].get('steps_done', '?')} vs {trainers['open_clip_train'].get('steps_done', '?')} steps"
+        setting = f"{task['budget_seconds']:.0f} s each, {task['recipe']}, batch {task['batch_size']} ({steps})"
+        for r in task["comparison"]:
+            rows.append([f"2 {r['metric']} in a fixed budget", f"{r['dataset']} test", setting, num(r["mmcl"], 3),
+                         num(r["open_clip_train"], 3), f"{r['difference']:+.3f} (2 SE {r['two_standard_errors']:.3f})",
+                         "mmcl clearly ahead", met(r["clearly_ahead"])])
+        checks = {k: v for t in trainers.values() for k, v in t.get("clip_benchmark_max_difference", {}).items()}
+        if checks:
+            worst = max(checks.values())
+            rows.append([f"2 evaluator cross-check vs clip_benchmark", ", ".join(sorted(checks)), "same exports",
+                         "mmcl eval", "clip_benchmark", f"max diff {worst:.1e}", "<= 1e-6", met(worst <= 1e-6)])
+    return rows
+
+
+def loss_rows(d: dict) -> List[Row]:
+    by = {(r["mode"], r["batch"]): r for r in d["results"]}
+    rows = []
+    for batch in sorted({r["batch"] for r in d["results"]}):
+        ours, theirs = by.get(("chunked", batch), {}), by.get(("open_clip", batch), {})
+        dense = by.get(("dense", batch), {})
+        cell = lambda r: "-" if r.get("status") != "ok" else f"{r['cpu_seconds']:.2f} s, {r['loss_peak_mb']:.0f} MB"
+        speed = (theirs["cpu_seconds"] / ours["cpu_seconds"]) if theirs.get("status") == ours.get("status") == "ok" else None
+        rows.append([f"3 CLIP loss fwd+bwd (chunked; dense {cell(dense)})", f"B = {batch:,}, d = {ours.get('dim', 512)}",
+                     "CPU time, loss peak memory", cell(ours), cell(theirs) if theirs.get("status") == "ok"
+                     else theirs.get("status", "-"), f"{speed:.2f}x faster" if speed else "-", "-", "-"])
+    s = d.get("summary", {})
+    if s:
+        rows.append(["3 chunked loss at the largest B", f"B = {s['largest_batch']:,}", "peak; time vs dense 8k x B^2",
+                     f"{s['chunked_loss_peak_mb']} MB, {s['time_ratio_cpu_seconds']:.2f}x", "-", "-",
+                     "< 2 GB, <= 1.5x", met(s["peak_under_2gb"] and s["time_within_1_5x"])])
+    return rows
+
+
+def eval_rows(d: dict) -> List[Row]:
+    rows = []
+    for r in d["rows"]:
+        rows.append([f"4 eval images/s vs clip_benchmark", f"{r['dataset']} test ({r['images']:,} images)",
+                     f"{r['task']}, batch {d['batch_size']}, {r['workers']} workers, fp32",
+                     num(r["mmcl"]["images_per_s"], 0), num(r["clip_benchmark"]["images_per_s"], 0),
+                     f"{r['speedup']:.2f}x (metric diff {r['max_metric_difference']:.0e})", "faster, same metrics",
+                     met(r["speedup"] > 1 and r["max_metric_difference"] <= 1e-6)])
+    return rows
+
+
+def ssl_rows(d: dict) -> List[Row]:
+    t, p, s = d["throughput"], d["parity"], d["settings"]
+    setting = f"{s['recipe']}, batch {s['batch_size']} x 2 views, in memory, {s['steps_per_block']} steps x {s['repeats']}"
+    return [["5 SimCLR step samples/s vs lightly loop", "cifar10 train", setting, spread(t["summary"]["mmcl"]),
+             spread(t["summary"]["lightly"]), ratio_cell(t), f">= {t['target']} (set here)", met(t["met"])],
+            ["5 SimCLR loss parity vs lightly NTXentLoss", "cifar10 train", f"{s['parity_steps']} lock-step steps",
+             f"{p['mmcl_losses'][0]:.5f}", f"{p['lightly_losses'][0]:.5f}",
+             f"step 0 diff {p['first_step_difference']:.1e}, max {p['max_difference']:.1e}",
+             f"<= {p['tolerance']:.0e} at step 0", met(p["met"])]]
+
+
+def evidence_rows(d: dict) -> List[Row]:
+    """ssl_evidence.json belongs to its own script; its summary is shown as it is."""
+    summary = d.get("summary", {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool))})
+    text = ", ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in list(summary.items())[:8])
+    return [["5 SSL evidence (benchmarks/ssl_evidence.py)", "see its JSON", "-", text or "-", "-", "-", "-", "-"]]
+
+
+def gpu_rows(d: dict) -> List[Row]:
+    if d.get("status") != "ok" and not str(d.get("status", "")).startswith("dry run"):
+        return [["6 GPU: ViT-B/32 bf16 throughput, MFU, eval", "-", "-", d.get("status", "not run"), "-", "-",
+                 "-", "-"]]
+    s, rows = d["settings"], []
+    setting = f"{s['model']}, batch {s['batch_size']}, bf16, {d['machine'].get('gpu')}"
+    e2e, anchor, ceiling = d["mmcl_end_to_end"], d["open_clip_train_end_to_end"], d["in_memory"]
+    mfu = lambda r: f"{num(r.get('samples_per_s'), 0)} (MFU {r['mfu']:.0%})" if r.get("mfu") else num(r.get("samples_per_s"), 0)
+    ratio_text = lambda v: f"{v:.2f}x" if v else "-"
+    rows.append(["6 GPU train samples/s vs open_clip_train", Path(s["train_data"]).name, setting, mfu(e2e),
+                 mfu(anchor) if anchor.get("samples_per_s") else anchor.get("status", "-"),
+                 ratio_text(d["mmcl_vs_open_clip_train"]), "-", "-"])
+    rows.append(["6 GPU pipeline efficiency", Path(s["train_data"]).name, setting, mfu(e2e), mfu(ceiling) + " (in memory)",
+                 ratio_text(d["pipeline_efficiency"]), ">= 0.95", met((d["pipeline_efficiency"] or 0) >= 0.95)])
+    ev = d.get("evaluation", {})
+    if ev.get("mmcl_images_per_s"):
+        rows.append(["6 GPU eval images/s vs clip_benchmark", Path(s["eval_data"]).name, "bf16 autocast",
+                     num(ev["mmcl_images_per_s"], 0), num(ev["clip_benchmark_images_per_s"], 0),
+                     f"{ev['speedup']:.2f}x (metric diff {ev['max_metric_difference']:.0e})", "-", "-"])
+    return rows
+
+
+SECTIONS = [("train_throughput.json", throughput_rows, "1 training throughput"),
+            ("learning_budget.json", budget_rows, "2 learning in a fixed budget"),
+            ("loss_scaling.json", loss_rows, "3 loss scaling"),
+            ("eval_vs_clip_benchmark.json", eval_rows, "4 evaluation vs clip_benchmark"),
+            ("ssl_throughput.json", ssl_rows, "5 SSL vs lightly"),
+            ("ssl_evidence.json", evidence_rows, None),
+            ("gpu_check.json", gpu_rows, "6 GPU check")]
+
+
+def section_rows(results: Path, name: str, builder: Callable, label: Optional[str]) -> List[Row]:
+    data = common.read_json(results / name)
+    if data is None:
+        return [[label, "-", "-", f"not run (no {name})", "-", "-", "-", "-"]] if label else []
+    try:
+        return builder(data)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+        return [[label or name, "-", "-", f"unreadable {name}: {type(err).__name__} {err}", "-", "-", "-", "-"]]
+
+
+def header(results: Path) -> str:
+    found = [common.read_json(results / name) for name, _, _ in SECTIONS]
+    machines = [d["machine"] for d in found if d and isinstance(d.get("machine"), dict) and "cpu" in d["machine"]]
+    m = machines[0] if machines else common.machine_info()
+    dates = sorted(x.get("date", "") for x in machines if x.get("date"))
+    when = f"{dates[0][:10]} to {dates[-1][:10]}" if dates and dates[0][:10] != dates[-1][:10] else (dates or ["-"])[0][:10]
+    return (f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gib', '?')} GiB, GPU: {m.get('gpu') or 'none'}; "
+            f"load average {m.get('load_average', ['?'])[0]} at the start (the machine is shared).  \n"
+            f"Versions: torch {m.get('torch')}, open_clip {m.get('open_clip')}, webdataset {m.get('webdataset')} "
+            f"(open_clip_train: {m.get('webdataset_open_clip_train') or common.OPENCLIP_WEBDATASET}), "
+            f"clip_benchmark {m.get('clip_benchmark')}, lightly {m.get('lightly')}, accelerate {m.get('accelerate')}; "
+            f"mmcl {m.get('mmcl_commit', '?')}.  \nDate: {when}. Rerun: `{RERUN}` (`--quick` for a smoke run).\n")
+
+
+def table(results: Path) -> str:
+    lines = ["| comparison | data | setting | mmcl | anchor | ratio | target | met? |", "|---|---|---|---|---|---|---|---|"]
+    for name, builder, label in SECTIONS:
+        for row in section_rows(results, name, builder, label):
+            lines.append("| " + " | ".join(str(c).replace("|", "/") for c in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render(results: Path) -> str:
+    return header(results) + "\n" + table(results)
+
+
+def replace_between_markers(path: Path, text: str) -> bool:
+    """Put `text` between the markers of `path`; False when the file or its markers are missing."""
+    if not path.is_file():
+        return False
+    content = path.read_text()
+    if BEGIN not in content or END not in content:
+        return False
+    head, rest = content.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
+    return True
+
+
+def write_all(results: Path, targets: List[Path]) -> str:
+    text = render(results)
+    for path in targets:
+        if replace_between_markers(path, text):
+            common.say(f"table written to {path}")
+    return text
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=common.RESULTS)
+    p.add_argument("--no-write", action="store_true", help="print only")
+    args = p.parse_args(argv)
+    targets = [] if args.no_write else [common.BENCH / "README.md", common.REPO / "docs" / "benchmarks.md"]
+    print(write_all(args.results, targets))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""Training samples/s: mmcl vs open_clip_train on the same shards, and mmcl against its in-memory ceiling.
+
+    python benchmarks/train_throughput.py [--repeats 3] [--warmup 5] [--steps 20] [--quick]
+
+Both trainers get the recipe's model config (digits_clip_tiny by default), the same shards, batch size,
+precision (fp32), DataLoader worker count and torch's default threads. Each run is a fresh process; the
+variants alternate (their order rotates every repeat) so that the neighbours' load hits all of them alike.
+A run takes `warmup + steps` optimizer steps; samples/s is measured over the `steps` after the warm-up from
+each trainer's own log (mmcl: metrics.jsonl every `--log-every` steps; open_clip_train: its "Batch (t)" mean
+per log window, which also covers the wait for data).
+
+Variants:
+- mmcl: `mmcl train RECIPE` end to end (shards -> decode -> augment -> tokenize -> step).
+- open_clip_train: `open_clip_train.main` with the same settings (webdataset 0.2.86, see openclip_anchor.py).
+- mmcl_in_memory: mmcl's own optimizer step (`mmcl.train.loop.optimizer_step`) on batches loaded beforehand:
+  the ceiling the pipeline is measured against (pipeline efficiency = end-to-end / in-memory).
+- mmcl_threads_N and mmcl_in_memory_threads_N (`--threads-variant`, on by default): the same two with
+  OMP_NUM_THREADS = cores - workers, the thread policy mmcl's evaluator already uses: what the trainer
+  would gain from it (torch's default, one thread per core, leaves the loader workers no core).
+
+Writes benchmarks/results/train_throughput.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import openclip_anchor  # noqa: E402
+
+TARGET_VS_OPENCLIP = 1.3
+TARGET_PIPELINE = 0.95
+
+
+def load_recipe(recipe: str, overrides: List[str]):
+    from mmcl.config import load_recipe as load
+
+    return load(str(common.REPO / "recipes" / f"{recipe}.yaml") if "/" not in recipe else recipe, overrides)
+
+
+def base_overrides(args, data_root: Path, out: Path) -> List[str]:
+    return [f"data.train=[{data_root}]", f"data.workers={args.workers}", f"train.batch_size={args.batch_size}",
+            f"train.output_dir={out}", "train.precision=fp32", "train.resume=none", "train.progress=false",
+            f"train.max_steps={args.warmup + args.steps}", f"train.log_every={args.log_every}",
+            "train.save_every=0", "eval.datasets=[]", "eval.retrieval=[]", "train.epochs=1000"]
+
+
+def mmcl_rate(metrics: Path, warmup: int, steps: int, batch: int) -> float:
+    """Samples/s over steps (warmup, warmup + steps] from metrics.jsonl records (each covers log_every steps)."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    previous, samples, seconds = 0, 0, 0.0
+    for record in records:
+        step = record["step"]
+        if previous >= warmup and step <= warmup + steps:
+            n = (step - previous) * batch
+            samples, seconds = samples + n, seconds + n / record["samples_per_s"]
+        previous = step
+    if not samples:
+        raise RuntimeError(f"no metrics record after the warm-up in {metrics}")
+    return samples / seconds
+
+
+def run_mmcl(args, data_root: Path, tag: str, extra_env: Dict[str, str]) -> dict:
+    out = common.WORK / "throughput" / tag
+    cmd = [sys.executable, "-m", "mmcl", "train", args.recipe_path, *base_overrides(args, data_root, out)]
+    log = out.with_suffix(".log")
+    result = common.run_logged(cmd, log, env=common.child_env(**extra_env))
+    common.check_ok(result, log, f"mmcl train ({tag})")
+    rate = mmcl_rate(out / "metrics.jsonl", args.warmup, args.steps, args.batch_size)
+    return {"samples_per_s": rate, "process_seconds": result["seconds"]}
+
+
+def openclip_rate(log_text: str, warmup: int, steps: int, batch: int) -> dict:
+    """Samples/s over the log windows that start after `warmup` batches and end within warmup + steps + 1."""
+    previous, batches, seconds, data = 0, 0, 0.0, 0.0
+    for window in openclip_anchor.windows(log_text):
+        done = window["samples_done"] // batch
+        if previous >= warmup and done <= warmup + steps + 1:
+            n = done - previous
+            batches, seconds, data = batches + n, seconds + n * window["batch_time"], data + n * window["data_time"]
+        previous = done
+    if not batches:
+        raise RuntimeError("no open_clip_train log window after the warm-up")
+    return {"samples_per_s": batches * batch / seconds, "data_wait_fraction": data / seconds}
+
+
+def run_openclip(args, data_root: Path, tag: str, model_cfg: dict, recipe) -> dict:
+    work = common.WORK / "throughput"
+    model_dir = openclip_anchor.write_model_config(work / "openclip_models", "bench-model", model_cfg)
+    o = recipe.optim
+    run = openclip_anchor.AnchorRun(
+        model_dir=model_dir, model_name="bench-model", data_root=data_root,
+        samples_per_epoch=(args.warmup + args.steps + 2) * args.batch_size, epochs=1,
+        batch_size=args.batch_size, workers=args.workers, logs=work / "openclip_logs", name=tag,
+        lr=o.lr, weight_decay=o.weight_decay, warmup=o.warmup_steps, betas=tuple(o.betas), eps=o.eps,
+        grad_clip=o.grad_clip, log_every=args.log_every)
+    remove_tree(run.run_dir)
+    log = work / f"{tag}.log"
+    result = common.run_logged(run.command(), log, env=openclip_anchor.env())
+    common.check_ok(result, log, f"open_clip_train ({tag})")
+    rate = openclip_rate(log.read_text(errors="replace"), args.warmup, args.steps, args.batch_size)
+    return {**rate, "process_seconds": result["seconds"]}
+
+
+def remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_in_memory(args, data_root: Path, tag: str, extra_env: Dict[str, str]) -> dict:
+    out = common.WORK / "throughput" / tag
+    remove_tree(out)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--in-memory-child", "--recipe", args.recipe,
+           "--data", str(data_root), "--child-out", str(out), "--warmup", str(args.warmup), "--steps", str(args.steps),
+           "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--log-every", str(args.log_every)]
+    log = out.with_suffix(".log")
+    result = common.run_logged(cmd, log, env=common.child_env(**extra_env))
+    common.check_ok(result, log, f"in-memory steps ({tag})")
+    return json.loads(log.read_text().strip().splitlines()[-1])
+
+
+def in_memory_child(args) -> None:
+    """In this process: load warmup + steps batches first, then time mmcl's optimizer step on them."""
+    import itertools
+
+    from mmcl.train import loop
+    from mmcl.train import setup as S
+
+    recipe = load_recipe(args.recipe, base_overrides(args, Path(args.data), Path(args.child_out)) + ["data.workers=0"])
+    run, _ = loop.start(recipe)
+    batches = list(itertools.islice(S.epoch_batches(recipe, run.plan, run.spec, 0, 0), run.plan.steps_per_epoch))
+    count = args.warmup + args.steps
+    batches = [batches[i % len(batches)] for i in range(count)]
+    for batch in batches[:args.warmup]:
+        loop.optimizer_step(run, dict(batch))
+    start = time.perf_counter()
+    for batch in batches[args.warmup:]:
+        loop.optimizer_step(run, dict(batch))
+    seconds = time.perf_counter() - start
+    import torch
+
+    print(json.dumps({"samples_per_s": args.steps * args.batch_size / seconds, "torch_threads": torch.get_num_threads()}))
+
+
+def variants(args) -> Dict[str, tuple]:
+    """name -> (runner, extra environment). The thread variants pin torch's threads with OMP_NUM_THREADS."""
+    out = {"mmcl": ("mmcl", {}), "open_clip_train": ("open_clip_train", {}), "mmcl_in_memory": ("in_memory", {})}
+    if args.threads_variant:
+        n = threads_for_fix(args.workers)
+        out[f"mmcl_threads_{n}"] = ("mmcl", {"OMP_NUM_THREADS": str(n)})
+        out[f"mmcl_in_memory_threads_{n}"] = ("in_memory", {"OMP_NUM_THREADS": str(n)})
+    return out
+
+
+def threads_for_fix(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) - workers)
+
+
+def measure(args, data_root: Path, model_cfg: dict, recipe) -> Dict[str, List[dict]]:
+    table, runs = variants(args), {}
+    names = list(table)
+    for repeat in range(args.repeats):
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            kind, env = table[name]
+            tag = f"{name}_r{repeat}"
+            common.say(f"train throughput: {tag}")
+            if kind == "mmcl":
+                result = run_mmcl(args, data_root, tag, env)
+            elif kind == "open_clip_train":
+                result = run_openclip(args, data_root, tag, model_cfg, recipe)
+            else:
+                result = run_in_memory(args, data_root, tag, env)
+            common.say(f"  {result['samples_per_s']:.1f} samples/s")
+            runs.setdefault(name, []).append(result)
+    return runs
+
+
+def comparisons(runs: Dict[str, List[dict]]) -> dict:
+    rates = {name: [r["samples_per_s"] for r in results] for name, results in runs.items()}
+    summary = {name: common.summarize(values) for name, values in rates.items()}
+    out = {"summary": summary,
+           "mmcl_vs_open_clip_train": compare(rates, summary, "mmcl", "open_clip_train", TARGET_VS_OPENCLIP),
+           "pipeline_efficiency": compare(rates, summary, "mmcl", "mmcl_in_memory", TARGET_PIPELINE)}
+    for name in rates:
+        if name.startswith("mmcl_threads_"):
+            ceiling = name.replace("mmcl_threads_", "mmcl_in_memory_threads_")
+            out[f"{name}_vs_open_clip_train"] = compare(rates, summary, name, "open_clip_train", TARGET_VS_OPENCLIP)
+            out[f"{name}_vs_in_memory"] = compare(rates, summary, name, ceiling, TARGET_PIPELINE)
+    return out
+
+
+def compare(rates, summary, ours: str, theirs: str, target: float) -> dict:
+    value = common.ratio(summary[ours], summary[theirs])
+    return {"ours": ours, "anchor": theirs, "ratio": value, "paired": common.paired_ratios(rates[ours], rates[theirs]),
+            "target": target, "met": value is not None and value >= target}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", default="digits_clip_tiny", help="recipe name in recipes/ or a YAML path")
+    p.add_argument("--data", default=None, help="dataset folder (default: the recipe's; digits are built)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--log-every", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--workers", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--threads-variant", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--quick", action="store_true", help="1 repeat, 5 + 10 steps")
+    p.add_argument("--out", default="train_throughput.json")
+    p.add_argument("--in-memory-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def resolve(args):
+    """Fill the defaults that come from the recipe and check that the log windows line up."""
+    if args.quick:
+        args.repeats, args.warmup, args.steps = 1, 5, 10
+    recipe = load_recipe(args.recipe, [])
+    args.recipe_path = str(common.REPO / "recipes" / f"{args.recipe}.yaml") if "/" not in args.recipe else args.recipe
+    args.batch_size = args.batch_size or recipe.train.batch_size
+    args.workers = recipe.data.workers if args.workers is None else args.workers
+    if args.warmup % args.log_every or args.steps % args.log_every:
+        raise SystemExit("--warmup and --steps must be multiples of --log-every")
+    data_root = Path(args.data) if args.data else Path(recipe.data.train[0])
+    if not data_root.is_absolute():
+        data_root = common.REPO / data_root
+    if data_root.resolve() == common.DIGITS.resolve():
+        common.ensure_digits(data_root)
+    return recipe, data_root
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.in_memory_child:
+        return in_memory_child(args)
+    recipe, data_root = resolve(args)
+    openclip_anchor.ensure_env()
+    from mmcl.models.factory import resolve_model_cfg
+
+    model_cfg = resolve_model_cfg(recipe.model)
+    machine = common.machine_info()
+    runs = measure(args, data_root, model_cfg, recipe)
+    settings = {"recipe": args.recipe, "data": str(data_root), "batch_size": args.batch_size, "workers": args.workers,
+                "precision": "fp32", "warmup_steps": args.warmup, "measured_steps": args.steps,
+                "repeats": args.repeats, "model_cfg": model_cfg, "threads_variant": threads_for_fix(args.workers)}
+    report = {"machine": machine, "load_average_end": os.getloadavg(), "settings": settings, "runs": runs,
+              **comparisons(runs), "notes": NOTES}
+    path = common.write_json(args.out, report)
+    common.say(f"wrote {path}")
+    return report
+
+
+NOTES = [
+    "open_clip_train tokenizes the whole `txt` (all caption lines, truncated to the context length); mmcl draws "
+    "one caption line per sample. Same model, batch, precision, workers and shards otherwise.",
+    "open_clip_train runs with webdataset 0.2.86 (its pipeline breaks on 1.x); mmcl with webdataset 1.x.",
+]
+
+
+if __name__ == "__main__":
+    main()
