@@ -78,9 +78,9 @@ def budget_rows(d: dict) -> List[Row]:
         steps = f"{trainers['mmcl'].get('steps_done', '?')} vs {trainers['open_clip_train'].get('steps_done', '?')} steps"
         setting = f"{task['budget_seconds']:.0f} s each, {task['recipe']}, batch {task['batch_size']} ({steps})"
         for r in task["comparison"]:
+            diff = "-" if r["difference"] is None else f"{r['difference']:+.3f} (2 SE {r['two_standard_errors']:.3f})"
             rows.append([f"2 {r['metric']} in a fixed budget", f"{r['dataset']} test", setting, num(r["mmcl"], 3),
-                         num(r["open_clip_train"], 3), f"{r['difference']:+.3f} (2 SE {r['two_standard_errors']:.3f})",
-                         "mmcl clearly ahead", met(r["clearly_ahead"])])
+                         num(r["open_clip_train"], 3), diff, "mmcl clearly ahead", met(r["clearly_ahead"])])
         checks = {k: v for t in trainers.values() for k, v in t.get("clip_benchmark_max_difference", {}).items()}
         if checks:
             worst = max(checks.values())

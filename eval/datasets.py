@@ -10,7 +10,8 @@ Speed comes from three things that leave every number unchanged:
   between processes);
 - loading overlaps the model: batches come from DataLoader workers (shards split by worker; captions are
   tokenized there too) or, with no workers, from a background thread (PIL releases the GIL while it
-  decodes; tokenizing, pure Python, then stays in the main thread, which would otherwise wait for the GIL).
+  decodes). Tokenizing is pure Python and holds the GIL, so without workers it stays in the main thread:
+  in the background thread it would make the model wait for the GIL between every two ops.
 Every process reads the whole split (no split by node): evaluation runs where it is called.
 """
 from __future__ import annotations
@@ -217,7 +218,7 @@ def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
 def prefetch(source: Iterator, prepare: Callable = lambda x: x, depth: int = 2) -> Iterator:
     """`prepare(item)` for each item of `source`, produced in a background thread, `depth` items ahead.
 
-    Decoding (PIL releases the GIL), tokenizing and the model's kernels then run at the same time.
+    Decoding (PIL releases the GIL while it works) and the model's kernels then run at the same time.
     Errors are raised in the consumer; stopping early stops the thread.
     """
     q: queue.Queue = queue.Queue(maxsize=depth)

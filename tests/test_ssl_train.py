@@ -64,6 +64,7 @@ def digits_recipe(tmp_path: Path, root: str, name: str, overrides=()):
             "train": {"output_dir": str(tmp_path / name), "batch_size": 64, "progress": False, "log_every": 5,
                       "save_every": 0},
             "eval": {"datasets": []}}
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(tree))
     return load_recipe(str(path), list(overrides))

@@ -37,8 +37,8 @@ class MoCoObjective(ViewObjective):
 
     def __init__(self, model: nn.Module, recipe: Recipe):
         cfg = recipe.objective
+        super().__init__(model, recipe, last_bn=cfg.moco_version == 3)
         self.version = cfg.moco_version
-        super().__init__(model, recipe, last_bn=self.version == 3)
         out_dim, dims = self.head.out_dim, recipe.model.ssl_head
         if self.version == 3:
             self.predictor = ProjectionHead(out_dim, [dims[0], out_dim] if len(dims) > 1 else [out_dim])

@@ -26,6 +26,8 @@ class SlipObjective(ClipObjective):
     uses_views = True
 
     def __init__(self, model: nn.Module, recipe: Recipe):
+        if recipe.data.num_views < 2:
+            raise ValueError(f"data.num_views: slip needs at least 2 views, got {recipe.data.num_views}")
         super().__init__(model, recipe)
         cfg = recipe.objective
         self.head = ProjectionHead(image_embed_dim(model), recipe.model.ssl_head)
