@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -34,7 +35,7 @@ TINY = {"embed_dim": 64, "vision_cfg": {"image_size": 32, "patch_size": 8, "widt
         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
 
 
-def peak_flops(device_name: str, given: float = None):
+def peak_flops(device_name: str, given=None):
     if given:
         return given * 1e12
     return next((v for k, v in PEAK_BF16.items() if k in (device_name or "")), None)
@@ -187,7 +188,7 @@ def evaluation(args, data: Path) -> dict:
                 theirs = clip_benchmark_eval(model, preprocess, tokenizer, data, args, device)
                 cb_seconds.append(time.perf_counter() - start)
     mmcl_seconds, cb_seconds = min(mmcl_seconds), min(cb_seconds)
-    diff = max(abs(ours["metrics"][k] - v) for k, v in theirs.items() if v == v and ours["metrics"].get(k) is not None)
+    diff = max(abs(ours["metrics"][k] - v) for k, v in theirs.items() if not math.isnan(v) and ours["metrics"].get(k) is not None)
     images = ours["samples"]
     return {"images": images, "mmcl_images_per_s": images / mmcl_seconds,
             "clip_benchmark_images_per_s": images / cb_seconds, "speedup": cb_seconds / mmcl_seconds,
@@ -209,11 +210,10 @@ def save_export(cfg: dict, folder: Path) -> None:
 
 
 def clip_benchmark_eval(model, preprocess, tokenizer, data: Path, args, device: str):
+    import eval_vs_clip_benchmark as evcb
     import torch
     from clip_benchmark.datasets.builder import build_dataset
     from clip_benchmark.metrics import zeroshot_classification as zc
-
-    import eval_vs_clip_benchmark as evcb
 
     zc.accuracy = evcb.numpy2_accuracy
     ds = build_dataset(f"wds/{data.name}", root=str(data), transform=preprocess, split="test",

@@ -123,7 +123,7 @@ def export_checkpoint(checkpoint: Path, model_cfg: dict, out: Path) -> Path:
     from safetensors.torch import save_file
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-    state = {k[len("module."):] if k.startswith("module.") else k: v.contiguous() for k, v in state.items()}
+    state = {k.removeprefix("module."): v.contiguous() for k, v in state.items()}
     open_clip.CLIP(**model_cfg).load_state_dict(state)  # refuses a checkpoint that does not fit the config
     size = model_cfg["vision_cfg"].get("image_size", 224)
     preprocess = dataclasses.asdict(open_clip.transform.PreprocessCfg(size=size))

@@ -73,10 +73,12 @@ def throughput_rows(d: dict) -> List[Row]:
 
 def budget_rows(d: dict) -> List[Row]:
     rows = []
-    for name, task in d["tasks"].items():
+    for task in d["tasks"].values():
         trainers = task["trainers"]
-        steps = f"{trainers['mmcl'].get('steps_done', '?')} vs {trainers['open_clip_train'].get('steps_done', '?')} steps"
-        setting = f"{task['budget_seconds']:.0f} s each, {task['recipe']}, batch {task['batch_size']} ({steps})"
+        m, o = trainers["mmcl"], trainers["open_clip_train"]
+        setting = (f"{task['budget_seconds']:.0f} s budget, {task['recipe']}, batch {task['batch_size']}; steps "
+                   f"{m.get('steps_done', '?')} vs {o.get('steps_done', '?')}, seconds used "
+                   f"{m.get('seconds', 0):.0f} vs {o.get('seconds', 0):.0f}")
         for r in task["comparison"]:
             diff = "-" if r["difference"] is None else f"{r['difference']:+.3f} (2 SE {r['two_standard_errors']:.3f})"
             rows.append([f"2 {r['metric']} in a fixed budget", f"{r['dataset']} test", setting, num(r["mmcl"], 3),
@@ -84,7 +86,7 @@ def budget_rows(d: dict) -> List[Row]:
         checks = {k: v for t in trainers.values() for k, v in t.get("clip_benchmark_max_difference", {}).items()}
         if checks:
             worst = max(checks.values())
-            rows.append([f"2 evaluator cross-check vs clip_benchmark", ", ".join(sorted(checks)), "same exports",
+            rows.append(["2 evaluator cross-check vs clip_benchmark", ", ".join(sorted(checks)), "same exports",
                          "mmcl eval", "clip_benchmark", f"max diff {worst:.1e}", "<= 1e-6", met(worst <= 1e-6)])
     return rows
 
@@ -111,7 +113,7 @@ def loss_rows(d: dict) -> List[Row]:
 def eval_rows(d: dict) -> List[Row]:
     rows = []
     for r in d["rows"]:
-        rows.append([f"4 eval images/s vs clip_benchmark", f"{r['dataset']} test ({r['images']:,} images)",
+        rows.append(["4 eval images/s vs clip_benchmark", f"{r['dataset']} test ({r['images']:,} images)",
                      f"{r['task']}, batch {d['batch_size']}, {r['workers']} workers, fp32",
                      num(r["mmcl"]["images_per_s"], 0), num(r["clip_benchmark"]["images_per_s"], 0),
                      f"{r['speedup']:.2f}x (metric diff {r['max_metric_difference']:.0e})", "faster, same metrics",

@@ -1,6 +1,6 @@
 """Training samples/s: mmcl vs open_clip_train on the same shards, and mmcl against its in-memory ceiling.
 
-    python benchmarks/train_throughput.py [--repeats 3] [--warmup 5] [--steps 20] [--quick]
+    python benchmarks/train_throughput.py [--repeats 3] [--warmup 5] [--steps 10] [--quick]
 
 Both trainers get the recipe's model config (digits_clip_tiny by default), the same shards, batch size,
 precision (fp32), DataLoader worker count and torch's default threads. Each run is a fresh process; the
@@ -208,12 +208,12 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="dataset folder (default: the recipe's; digits are built)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
     p.add_argument("--workers", type=int, default=None, help="default: the recipe's")
     p.add_argument("--threads-variant", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--quick", action="store_true", help="1 repeat, 5 + 10 steps")
+    p.add_argument("--quick", action="store_true", help="one repeat")
     p.add_argument("--out", default="train_throughput.json")
     p.add_argument("--in-memory-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -260,8 +260,8 @@ def main(argv=None) -> dict:
 
 
 NOTES = [
-    "open_clip_train tokenizes the whole `txt` (all caption lines, truncated to the context length); mmcl draws "
-    "one caption line per sample. Same model, batch, precision, workers and shards otherwise.",
+    ("open_clip_train tokenizes the whole `txt` (all caption lines, truncated to the context length); mmcl draws "
+     "one caption line per sample. Same model, batch, precision, workers and shards otherwise."),
     "open_clip_train runs with webdataset 0.2.86 (its pipeline breaks on 1.x); mmcl with webdataset 1.x.",
 ]
 

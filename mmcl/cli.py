@@ -96,7 +96,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"mmcl: error: {one_line(err)}", file=sys.stderr)
         return 2
-    except TrainingError as err:  # the run started but cannot go on; its last good checkpoint is kept
+    except (TrainingError, OSError) as err:  # the run started but cannot go on (OSError: e.g. disk full)
+        if os.environ.get("MMCL_DEBUG"):
+            raise
         print(f"mmcl: error: {one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

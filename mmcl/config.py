@@ -95,7 +95,8 @@ class TrainConfig:
     save_every: int = 100  # steps between checkpoints (0: only at the end)
     keep_last: int = 3
     resume: str = "auto"  # auto | none | path to a checkpoint directory
-    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    max_bad_steps: int = 5  # consecutive non-finite steps (loss or gradients) before the run stops
+    dist_timeout_s: int = 600  # a collective waiting this long on a hung or dead process fails the run
     progress: bool = True
 
 

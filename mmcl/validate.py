@@ -104,6 +104,7 @@ def check_train(recipe: Recipe) -> None:
     positive("train.save_every", t.save_every, allow_zero=True)
     positive("train.keep_last", t.keep_last)
     positive("train.max_bad_steps", t.max_bad_steps)
+    positive("train.dist_timeout_s", t.dist_timeout_s)
     if t.max_steps is not None:
         positive("train.max_steps", t.max_steps)
     if t.batch_size % t.accum_steps:

@@ -64,8 +64,9 @@ def evaluate(recipe: Recipe, objective, model_cfg: dict, step: int, accelerator,
 def summary_table(summary: Dict) -> str:
     rows = [("steps", summary["steps"]), ("samples seen", summary["samples"]),
             ("final loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-"),
-            ("skipped samples", sum(summary["skipped_samples"].values())),
-            ("skipped steps (non-finite)", summary["skipped_steps"])]
+            ("skipped samples", sum(summary["skipped_samples"].values()))]
+    rows += [(f"skipped: {kind}", n) for kind, n in sorted(summary["skipped_samples"].items()) if n]
+    rows.append(("skipped steps (non-finite)", summary["skipped_steps"]))
     for result in summary["eval"]:
         for key in HEADLINE:
             value = result["metrics"].get(key)

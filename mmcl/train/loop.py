@@ -7,17 +7,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict
 
+from mmcl import runs
 from mmcl.config import Recipe
 from mmcl.models import factory
 from mmcl.train import setup as S
 from mmcl.train import step as T
-from mmcl.train.checkpoint import set_rng_state
+from mmcl.train.checkpoint import CheckpointWriteError, set_rng_state
 from mmcl.train.finish import evaluate, finish
 from mmcl.train.logs import RunLog
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. too many non-finite losses in a row); its last good checkpoint is kept."""
+    """The run cannot go on (too many non-finite steps in a row, a checkpoint that cannot be written); the
+    complete checkpoints it already wrote are kept."""
 
 
 @dataclass
@@ -35,8 +37,16 @@ class Run:
     run_dir: Path
 
     def save(self) -> None:
-        S.save_checkpoint(self.run_dir, self.state, self.objective, self.optimizer, self.scheduler,
-                          self.accelerator, self.recipe.train.keep_last)
+        try:
+            S.save_checkpoint(self.run_dir, self.state, self.objective, self.optimizer, self.scheduler,
+                              self.accelerator, self.recipe.train.keep_last)
+        except CheckpointWriteError as err:
+            raise TrainingError(f"train: {err}; {last_good(self.run_dir)}") from err
+
+
+def last_good(run_dir: Path) -> str:
+    latest = runs.latest_checkpoint(run_dir)
+    return f"the last good checkpoint is {latest}" if latest else "no checkpoint was written before"
 
 
 def train(recipe: Recipe) -> dict:
@@ -52,15 +62,17 @@ def train(recipe: Recipe) -> dict:
             meter.add(losses, finite)
             if state.step % t.log_every == 0 or state.step == run.plan.total_steps:
                 run.log.write(meter.record(run, losses))
-            if state.bad_steps >= t.max_bad_steps:
-                run.save()
-                raise TrainingError(f"train: {state.bad_steps} non-finite losses in a row at step {state.step}; "
-                                    f"stopped with the last good weights saved in {run.run_dir / 'checkpoints'}")
+            if state.bad_steps >= t.max_bad_steps:  # these weights led to the bad steps: never save them as good
+                run.log.close()
+                raise TrainingError(f"train: {state.bad_steps} non-finite steps (loss or gradients) in a row at "
+                                    f"step {state.step} (train.max_bad_steps={t.max_bad_steps}); stopped without "
+                                    f"saving; {last_good(run.run_dir)}")
             if state.step >= run.plan.total_steps:
                 break
             if recipe.eval.every and state.step % recipe.eval.every == 0:
                 evaluate(recipe, run.objective, run.model_cfg, state.step, run.accelerator, run.log)
-            if t.save_every and state.step % t.save_every == 0:
+            # not during a streak of bad steps, so the newest checkpoint stays one from before it
+            if t.save_every and state.step % t.save_every == 0 and not state.bad_steps:
                 run.save()
         else:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
@@ -87,7 +99,7 @@ def start(recipe: Recipe):
 
 
 def optimizer_step(run: Run, batch: dict):
-    """Forward and backward over one global batch, average gradients, update; skip non-finite losses."""
+    """Forward and backward over one global batch, average gradients, update; skip non-finite steps."""
     state, accelerator, objective, t = run.state, run.accelerator, run.objective, run.recipe.train
     state.skipped_samples.update(batch.pop("skipped", {}))
     batch = T.to_device(batch, accelerator.device)
@@ -99,7 +111,8 @@ def optimizer_step(run: Run, batch: dict):
         losses = T.cached_backward(objective, T.split_batch(batch, t.accum_steps), accelerator)
     params = T.trainable(objective)
     T.sync_gradients(params)
-    finite = T.all_finite(losses["loss"])
+    # fp16: the gradient scaler owns overflowing gradients (it skips the update and lowers the scale)
+    finite = T.all_finite(losses["loss"], params if accelerator.scaler is None else ())
     if finite:
         if run.recipe.optim.grad_clip:
             accelerator.clip_grad_norm_(params, run.recipe.optim.grad_clip)

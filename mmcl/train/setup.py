@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator, List, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from data_pipelines import shards
 from data_pipelines.stream import SampleSpec, ShardStream, make_loader
@@ -46,7 +47,9 @@ class DataPlan:
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision]
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
+    # torch's default process-group timeout is 30 minutes: a dead or hung peer would stall the others that long
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=recipe.train.dist_timeout_s))
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, kwargs_handlers=[timeout])
 
 
 def plan_data(recipe: Recipe, world: int) -> DataPlan:

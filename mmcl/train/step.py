@@ -100,9 +100,11 @@ def cached_backward(objective: Objective, micro_batches: List[dict], accelerator
     return {k: v.detach() for k, v in losses.items()}
 
 
-def all_finite(loss: torch.Tensor) -> bool:
-    """True when the loss is finite on every process (all processes must agree to skip a step)."""
-    flag = torch.tensor([float(torch.isfinite(loss).all())], device=loss.device)
+def all_finite(loss: torch.Tensor, params: List[torch.Tensor] = ()) -> bool:
+    """True when the loss and the gradients of `params` are finite on every process (all processes must agree
+    to skip a step). A finite loss can still have an inf or NaN gradient, which would poison the weights."""
+    checks = [torch.isfinite(loss).all()] + [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    flag = torch.stack(checks).all().float().reshape(1)
     if distributed.is_distributed():
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag.item() > 0)
