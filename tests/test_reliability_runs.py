@@ -129,22 +129,27 @@ def run_to_end_in(recipe: Path, run_dir: Path, log: Path, env: Optional[Dict[str
 
 # ---- 1 and 6: SIGKILL at three random moments; the run directory is always usable ------------------------
 
+def kill_once(recipe: Path, run_dir: Path, target: int, delay: float, log: Path) -> None:
+    """Start (or resume) the run; once it wrote a new checkpoint, so this attempt made progress, and logged
+    step `target`, wait `delay` seconds and SIGKILL it: mid-step, mid-log-write or mid-save, wherever it falls."""
+    resumed_from = latest_step(run_dir)
+    process = start_mmcl(["train", recipe, f"train.output_dir={run_dir}"], log)
+    try:
+        wait_until(lambda: latest_step(run_dir) > resumed_from and logged_step(run_dir) >= target, process)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        finish(process, timeout=60)
+    assert process.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+
+
 @pytest.mark.slow
 def test_three_random_kills_then_resume_equal_an_uninterrupted_run(kill_recipe, reference, tmp_path):
     rng, run_dir = random.Random(7), tmp_path / "run"
     for lo, hi in KILL_WINDOWS:
-        target, resumed_from = rng.randint(lo, hi), latest_step(run_dir)
-        log = tmp_path / f"killed_at_{target}.log"
-        process = start_mmcl(["train", kill_recipe, f"train.output_dir={run_dir}"], log)
-        try:  # wait for a new checkpoint (so this attempt made progress) and the drawn step, then a random delay
-            wait_until(lambda: latest_step(run_dir) > resumed_from and logged_step(run_dir) >= target, process)
-            time.sleep(rng.uniform(0.0, 0.2))  # mid-step, mid-log-write or mid-save: wherever it falls
-            process.send_signal(signal.SIGKILL)
-        finally:
-            finish(process, timeout=60)
-        assert process.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+        target = rng.randint(lo, hi)
+        kill_once(kill_recipe, run_dir, target, rng.uniform(0.0, 0.2), tmp_path / f"killed_at_{target}.log")
         assert_run_dir_holds_its_files(run_dir)
-        assert latest_step(run_dir) > resumed_from
 
     log = tmp_path / "final.log"
     assert run_to_end_in(kill_recipe, run_dir, log) == 0, log.read_text()[-3000:]
