@@ -179,7 +179,7 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per run (default 1: CPU time stays meaningful on a shared machine)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "loss_scaling.json")
-    parser.add_argument("--docs", type=Path, default=REPO / "docs" / "losses.md")
+    parser.add_argument("--docs", type=Path, default=REPO / "README.md")
     parser.add_argument("--no-docs", action="store_true", help="do not update the table in --docs")
     parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)

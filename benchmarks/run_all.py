@@ -15,7 +15,7 @@ others still run):
   ssl_evidence  ssl_evidence.py          only with --with-ssl-evidence (long; its owner runs it)
   gpu           gpu_check.py             on a GPU; on a CPU it records "not run" (--quick: a CPU dry run)
 
-Results: benchmarks/results/*.json; the table goes to benchmarks/README.md and docs/benchmarks.md between
+Results: benchmarks/results/*.json; the table goes to benchmarks/README.md and README.md between
 their `results:begin` / `results:end` markers. With --quick, results and table go to benchmarks/results/quick/.
 """
 from __future__ import annotations
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
             if args.quick and name == "ssl_evidence":
                 continue
             status[name] = run_step(name, cmds[name], logs)
-    targets = [results / "README.md"] if args.quick else [common.BENCH / "README.md", common.REPO / "docs" / "benchmarks.md"]
+    targets = [results / "README.md"] if args.quick else [common.BENCH / "README.md", common.REPO / "README.md"]
     if args.quick:
         (results / "README.md").parent.mkdir(parents=True, exist_ok=True)
         (results / "README.md").write_text(f"# Quick run (smoke settings)\n\n{report.BEGIN}\n{report.END}\n")

@@ -8,7 +8,7 @@
    (same towers, data, steps and seed), scored by retrieval recall@1/5/10 on the 1,000 test images and
    5,000 captions (CLIP_benchmark's definitions), with the untrained towers as the floor.
 
-Writes benchmarks/results/ssl_evidence.json and the table in docs/ssl.md (between the evidence markers).
+Writes benchmarks/results/ssl_evidence.json and the table in README.md (between the evidence markers).
 Training runs go through the CLI (`python -m mmcl train`), one after the other, into runs/benchmarks/ssl/.
 
     python benchmarks/ssl_evidence.py [--only simclr,moco,slip,clip] [--reuse] [--max-steps N]
@@ -36,7 +36,7 @@ from mmcl.train.logs import read_metrics  # noqa: E402
 CIFAR = common.SHARED_DATA / "cifar10"
 FLICKR = common.SHARED_DATA / "flickr8k"
 RUNS = common.WORK / "ssl"
-DOC = common.REPO / "docs" / "ssl.md"
+DOC = common.REPO / "README.md"
 START, END = "<!-- ssl-evidence:start -->", "<!-- ssl-evidence:end -->"
 # name -> (recipe, extra overrides, evaluation dataset, task)
 RUN_SPECS = {
