@@ -6,7 +6,8 @@
    baseline is the same tower at its random initialisation (the trainer's seed, so the runs' starting point).
 2. Flickr8k (../shared/data/flickr8k): `flickr8k_slip_tiny` against the same recipe with objective.name=clip
    (same towers, data, steps and seed), scored by retrieval recall@1/5/10 on the 1,000 test images and
-   5,000 captions (CLIP_benchmark's definitions), with the untrained towers as the floor.
+   5,000 captions (CLIP_benchmark's definitions), with the untrained towers as the floor. Their image towers
+   also get the CIFAR-10 kNN / linear probe of (1): SLIP's claim is a better image representation.
 
 Writes benchmarks/results/ssl_evidence.json and the table in README.md (between the evidence markers).
 Training runs go through the CLI (`python -m mmcl train`), one after the other, into runs/benchmarks/ssl/.
@@ -16,6 +17,7 @@ Training runs go through the CLI (`python -m mmcl train`), one after the other, 
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 import time
@@ -86,13 +88,20 @@ def untrained(name: str):
     return model.eval(), eval_preprocess(model), make_tokenizer(model_cfg)
 
 
-def evaluate(model, preprocess, tokenizer, root: Path, task: str) -> dict:
+def evaluate(towers: tuple, root: Path, task: str) -> dict:
+    """Retrieval or probe metrics on root's test split; Flickr8k towers also get a CIFAR-10 probe."""
+    model, preprocess, tokenizer = towers
     start = time.perf_counter()
     result = mmcl_eval.evaluate_dataset(model, preprocess, tokenizer if task == "retrieval" else None, str(root),
                                         split="test", task=task, batch_size=500)
     keys = RETRIEVAL_KEYS if task == "retrieval" else PROBE_KEYS
-    return {**{k: result["metrics"][k] for k in keys}, "test_samples": result["samples"],
-            "eval_seconds": time.perf_counter() - start}
+    out = {**{k: result["metrics"][k] for k in keys}, "test_samples": result["samples"],
+           "eval_seconds": time.perf_counter() - start}
+    if task == "retrieval":  # how well the image tower transfers: SLIP's claim is a better image tower
+        probe = mmcl_eval.evaluate_dataset(model, preprocess, None, str(CIFAR), split="test",
+                                           task="linear_probe", batch_size=500)
+        out.update({f"cifar10_{k}": probe["metrics"][k] for k in PROBE_KEYS})
+    return out
 
 
 def run_all(names: list, reuse: bool, max_steps: Optional[int]) -> dict:
@@ -102,12 +111,17 @@ def run_all(names: list, reuse: bool, max_steps: Optional[int]) -> dict:
         group = out["cifar10" if root == CIFAR else "flickr8k"]
         if "untrained" not in group:
             common.say(f"evaluating the untrained towers on {root.name}")
-            group["untrained"] = evaluate(*untrained(name), root, task)
+            group["untrained"] = evaluate(untrained(name), root, task)
         train = train_run(name, reuse, max_steps)
         common.say(f"evaluating {name}")
-        group[name] = {**evaluate(*load_model(str(RUNS / name)), root, task), **train}
+        group[name] = {**evaluate(load_model(str(RUNS / name)), root, task), **train}
         common.say(f"{name}: {group[name]}")
     return out
+
+
+def standard_error(p: float, n: int) -> float:
+    """Binomial standard error of a recall or accuracy p measured on n queries."""
+    return math.sqrt(p * (1 - p) / n)
 
 
 def pct(value) -> str:
@@ -125,14 +139,22 @@ def markdown(results: dict, machine: dict) -> str:
         time_s = f"{row['train_seconds'] / 60:.1f} min" if "train_seconds" in row else "-"
         lines.append(f"| {label} | {row.get('steps', 0)} | {time_s} | {pct(row['knn_acc1'])} | "
                      f"{pct(row['knn_acc5'])} | {pct(row['linear_probe_acc1'])} | {pct(row['linear_probe_acc5'])} |")
-    lines += ["", "Flickr8k test retrieval (1,000 images, 5,000 captions), same recipe, steps and seed:", "",
-              "| objective | steps | train time | text->image R@1 | R@5 | R@10 | image->text R@1 | R@5 | R@10 |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Flickr8k test retrieval (1,000 images, 5,000 captions), same recipe, steps and seed; the last two "
+              "columns probe the image tower on CIFAR-10 as above:", "",
+              "| objective | steps | train time | text->image R@1 | R@5 | R@10 | image->text R@1 | R@5 | R@10 "
+              "| CIFAR-10 kNN | CIFAR-10 linear |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in results["flickr8k"].items():
         label = {"untrained": "random init", "clip": "CLIP only", "slip": "SLIP (CLIP + SimCLR)"}[name]
         time_s = f"{row['train_seconds'] / 60:.1f} min" if "train_seconds" in row else "-"
         recalls = " | ".join(pct(row[k]) for k in RETRIEVAL_KEYS)
-        lines.append(f"| {label} | {row.get('steps', 0)} | {time_s} | {recalls} |")
+        lines.append(f"| {label} | {row.get('steps', 0)} | {time_s} | {recalls} | {pct(row['cifar10_knn_acc1'])} | "
+                     f"{pct(row['cifar10_linear_probe_acc1'])} |")
+    if "clip" in results["flickr8k"]:
+        clip = results["flickr8k"]["clip"]
+        lines += ["", "One binomial standard error at CLIP's values: text->image R@10 "
+                  f"{pct(standard_error(clip['image_retrieval_recall@10'], 5000))}, image->text R@10 "
+                  f"{pct(standard_error(clip['text_retrieval_recall@10'], 1000))}, CIFAR-10 top-1 "
+                  f"{pct(standard_error(clip['cifar10_knn_acc1'], 10000))} points."]
     lines += ["", f"Accuracies and recalls in %. Machine: {machine['cpu']}, {machine['cores']} cores shared with "
               f"other jobs (load average {machine['load_average'][0]} at the end), torch {machine['torch']}; "
               f"`python benchmarks/ssl_evidence.py`, {machine['date'][:10]}."]
@@ -159,6 +181,7 @@ def main() -> None:
     results = run_all(names, args.reuse, args.max_steps)
     machine = common.machine_info()
     payload = {"results": results, "total_seconds": time.perf_counter() - start, "machine": machine,
+               "reused_runs": args.reuse,  # then total_seconds is evaluation only; see each run's train_seconds
                "runs": {n: {"recipe": RUN_SPECS[n][0], "overrides": run_overrides(n, args.max_steps)}
                         for n in names}}
     common.say(f"wrote {common.write_json('ssl_evidence.json', payload)}")
