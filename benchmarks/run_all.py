@@ -9,6 +9,8 @@ Steps, in order (each a script of its own, run as a child process; a failing ste
 others still run):
   throughput    train_throughput.py      mmcl vs open_clip_train samples/s; pipeline efficiency
   budget        learning_budget.py       same wall-clock budget, digits and Flickr8k, judged by one evaluator
+  budget_threads  learning_budget.py --mmcl-threads N: the same with mmcl on cores - workers threads
+                (the proposed default; only with --only budget_threads)
   loss          loss_scaling.py          ClipLoss dense / chunked vs open_clip, B = 1k ... 65k (own script)
   eval          eval_vs_clip_benchmark.py  mmcl eval vs clip_benchmark, images/s and metric parity (own script)
   ssl           ssl_throughput.py        SimCLR step vs a lightly NTXentLoss loop, samples/s and loss parity
@@ -21,6 +23,7 @@ their `results:begin` / `results:end` markers. With --quick, results and table g
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -31,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import report  # noqa: E402
 
-STEPS = ["throughput", "budget", "loss", "eval", "ssl", "ssl_evidence", "gpu"]
+STEPS = ["throughput", "budget", "budget_threads", "loss", "eval", "ssl", "ssl_evidence", "gpu"]
+OPTIONAL = ("budget_threads", "ssl_evidence")  # run only when named with --only
 
 
 def script(name: str) -> List[str]:
@@ -42,9 +46,12 @@ def commands(quick: bool, results: Path) -> Dict[str, List[str]]:
     """The command of every step, for the full suite or the quick smoke run."""
     out = lambda name: ["--out", str(results / name)]
     q = ["--quick"] if quick else []
+    threads = max(1, (os.cpu_count() or 1) - 2)  # the recipes' 2 loader workers keep their cores
     cmds = {
         "throughput": script("train_throughput.py") + q + out("train_throughput.json"),
         "budget": script("learning_budget.py") + q + out("learning_budget.json"),
+        "budget_threads": script("learning_budget.py") + q + ["--mmcl-threads", str(threads)] +
+        out("learning_budget_threads.json"),
         "ssl": script("ssl_throughput.py") + q + out("ssl_throughput.json"),
         "ssl_evidence": script("ssl_evidence.py") + (["--max-steps", "5"] if quick else []),
         "gpu": script("gpu_check.py") + (["--dry-run"] if quick else []) + out("gpu_check.json"),
@@ -79,7 +86,7 @@ def run_step(name: str, cmd: List[str], logs: Path) -> dict:
 
 
 def selected(args) -> List[str]:
-    steps = args.only or [s for s in STEPS if s != "ssl_evidence" or args.with_ssl_evidence]
+    steps = args.only or [s for s in STEPS if s not in OPTIONAL or (s == "ssl_evidence" and args.with_ssl_evidence)]
     return [s for s in steps if s not in (args.skip or [])]
 
 

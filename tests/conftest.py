@@ -119,3 +119,26 @@ def fresh_accelerate_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def load_worker(name: str):
+    """Import tests/dist_workers/NAME.py as a module (its constants and single-process reference code)."""
+    import importlib.util
+
+    path = REPO / "tests" / "dist_workers" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_worker(name: str, out: Path, nproc: int = 2, timeout: float = 300) -> dict:
+    """Run tests/dist_workers/NAME.py in `nproc` real gloo processes; it writes its results to `out` (JSON)."""
+    import json
+
+    script = REPO / "tests" / "dist_workers" / f"{name}.py"
+    command = [sys.executable] + torchrun(nproc) + [str(script), str(out)]
+    completed = subprocess.run(command, cwd=REPO, env=subprocess_env(**CPU_ONLY), capture_output=True, text=True,
+                               timeout=timeout)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return json.loads(Path(out).read_text())

@@ -7,47 +7,22 @@ gradient w.r.t. its own features is world_size times the single-process one (ope
 autograd is the documented exception: weight gradients come out 1/world_size).
 """
 
-import importlib.util
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_worker, run_worker
 
 REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "dist_workers" / "loss_worker.py"
 
 
-def _load_worker():
-    spec = importlib.util.spec_from_file_location("loss_worker", WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-worker = _load_worker()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+worker = load_worker("loss_worker")
 
 
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist") / "losses.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(worker.WORLD),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(out)]
-    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    return json.loads(out.read_text())
+    return run_worker("loss_worker", out, worker.WORLD)
 
 
 @pytest.mark.slow

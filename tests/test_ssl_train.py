@@ -6,17 +6,12 @@
 - MoCo's queue and key encoder survive checkpoint/resume: 2 steps + resume to 4 equals 4 steps straight;
 - every SSL recipe loads and builds its objective offline.
 """
-import importlib.util
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import load_worker, run_worker
 
 import eval as mmcl_eval
 from data_pipelines.digits import build_digits
@@ -27,20 +22,12 @@ from mmcl.objectives import build_objective
 from mmcl.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "dist_workers" / "ssl_worker.py"
 SHARED = REPO.parent / "shared" / "data"
 TINY_RECIPES = ("cifar10_simclr_tiny", "cifar10_moco_tiny", "flickr8k_slip_tiny")
 GPU_RECIPES = ("simclr_resnet50", "moco_v2_resnet50", "slip_vit_b16")
 
 
-def _load_worker():
-    spec = importlib.util.spec_from_file_location("ssl_worker", WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-worker = _load_worker()
+worker = load_worker("ssl_worker")
 
 
 @pytest.fixture(scope="module")
@@ -70,22 +57,10 @@ def digits_recipe(tmp_path: Path, root: str, name: str, overrides=()):
     return load_recipe(str(path), list(overrides))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ssl_dist") / "ssl.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(worker.WORLD),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(out)]
-    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    return json.loads(out.read_text())
+    return run_worker("ssl_worker", out, worker.WORLD)
 
 
 @pytest.mark.slow
