@@ -7,13 +7,11 @@ gradient w.r.t. its own features is world_size times the single-process one (ope
 autograd is the documented exception: weight gradients come out 1/world_size).
 """
 
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import load_worker, run_worker
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 worker = load_worker("loss_worker")
