@@ -137,7 +137,9 @@ def check_objective(recipe: Recipe) -> None:
         positive("objective.chunk_size", o.chunk_size)
     if not 0 <= o.momentum <= 1:
         raise ConfigError(f"objective.momentum: must be in [0, 1], got {o.momentum}")
-    if o.name in ("simclr", "moco") and recipe.data.num_views < 2:
+    if o.cross_modal_queue and o.name != "clip":
+        raise ConfigError(f"objective.cross_modal_queue: only objective.name=clip has cross-modal queues, not {o.name}")
+    if o.name in ("simclr", "moco", "slip") and recipe.data.num_views < 2:
         raise ConfigError(f"data.num_views: {o.name} needs at least 2 views, got {recipe.data.num_views}")
 
 

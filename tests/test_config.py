@@ -179,3 +179,19 @@ def test_shipped_recipe_is_valid(digits_root, tmp_path):
                                                            f"eval.retrieval=[{digits_root}]",
                                                            f"train.output_dir={tmp_path / 'run'}"])
     assert recipe.objective.name == "clip" and recipe.train.batch_size % recipe.train.accum_steps == 0
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_parses_into_the_schema(path):
+    from mmcl.config import Recipe, from_dict, load_tree
+
+    recipe = from_dict(Recipe, load_tree(str(path)))
+    assert recipe.data.train and recipe.train.output_dir.startswith("runs/")
+
+
+def test_cross_modal_queue_is_refused_for_objectives_without_one(tiny_recipe, capsys):
+    from mmcl.cli import main
+
+    code = main(["train", str(tiny_recipe({"objective.name": "siglip", "objective.cross_modal_queue": 64}))])
+    assert code == 2
+    assert "objective.cross_modal_queue" in capsys.readouterr().err
