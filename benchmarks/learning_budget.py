@@ -15,6 +15,8 @@ What differs is what each trainer does by default: caption sampling, crop, param
    seconds each used are reported: a busy machine can make a run slower or faster than its calibration.
 4. Judge: both checkpoints become open_clip `local-dir:` exports and are scored by `mmcl eval all`;
    clip_benchmark scores the same exports as a cross-check (--cross-check).
+5. Time to accuracy (--curve-tasks, digits by default): every saved checkpoint of both runs is scored, and
+   the time each trainer needed to reach the same zero-shot top-1 is reported (benchmarks/accuracy_curve.py).
 
 Tasks: `digits` (digits_clip_tiny; zero-shot top-1 on the held-out digits) and `flickr8k`
 (flickr8k_clip_tiny at 64 px; Flickr8k test retrieval R@1/5/10 both ways and CIFAR-10 zero-shot top-1).
@@ -29,12 +31,14 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import accuracy_curve  # noqa: E402
 import openclip_anchor  # noqa: E402
 import train_throughput as tt  # noqa: E402
 
@@ -95,9 +99,10 @@ def planned_steps(args: SimpleNamespace, rate: float, overhead: float) -> int:
 def train_mmcl(args: SimpleNamespace, data: Path, steps: int, interval: int) -> dict:
     out = args.workdir / "mmcl_run"
     overrides = [f"data.train=[{data}]", f"train.output_dir={out}", f"train.max_steps={steps}", "train.epochs=100000",
-                 f"train.save_every={interval}", "train.keep_last=2", "train.resume=none", "train.progress=false",
+                 f"train.save_every={interval}", "train.keep_last=100000", "train.resume=none", "train.progress=false",
                  "eval.datasets=[]", "eval.retrieval=[]"]
     log = args.workdir / "mmcl_train.log"
+    started_at = time.time()
     result = common.run_logged([sys.executable, "-m", "mmcl", "train", args.recipe_path, *overrides], log,
                                env=common.child_env(**mmcl_env(args)), deadline=args.budget * args.grace)
     common.check_ok(result, log, "mmcl train")
@@ -106,6 +111,7 @@ def train_mmcl(args: SimpleNamespace, data: Path, steps: int, interval: int) -> 
     done = runs.latest_checkpoint(out)
     if done is None:
         return {**result, "steps_done": 0, "export": None}
+    result.update(run_dir=str(out), started_at=started_at)
     export = args.workdir / "mmcl_export"
     subprocess.run([sys.executable, "-m", "mmcl", "export", str(out), "--out", str(export)], cwd=common.REPO,
                    check=True, capture_output=True, env=common.child_env())
@@ -125,11 +131,13 @@ def train_openclip(args: SimpleNamespace, data: Path, steps: int, model_cfg: dic
         warmup=o.warmup_steps, betas=tuple(o.betas), eps=o.eps, grad_clip=o.grad_clip, log_every=10)
     tt.remove_tree(run.run_dir)
     log = args.workdir / "openclip_train.log"
+    started_at = time.time()
     result = common.run_logged(run.command(), log, env=openclip_anchor.env(), deadline=args.budget * args.grace)
     common.check_ok(result, log, "open_clip_train")
     checkpoint = openclip_anchor.latest_checkpoint(run)
     if checkpoint is None:
         return {**result, "steps_done": 0, "epochs": epochs, "export": None}
+    result.update(run_dir=str(run.run_dir), started_at=started_at)
     export = openclip_anchor.export_checkpoint(checkpoint, model_cfg, args.workdir / "openclip_export")
     done = int(checkpoint.stem.split("_")[1]) * run.steps_per_epoch()
     return {**result, "steps_done": done, "epochs": epochs, "steps_per_epoch": run.steps_per_epoch(),
@@ -243,10 +251,21 @@ def run_task(name: str, budget: float, args, order: List[str]) -> dict:
         common.say(f"budget {name}: evaluating {trainer} ({info['steps_done']} steps)")
         results[trainer] = judge(info, task, workdir, trainer, args.cross_check)
     rows = compare(task, results["mmcl"], results["open_clip_train"])
-    return {"recipe": task["recipe"], "budget_seconds": budget, "batch_size": targs.batch_size,
+    curve = accuracy_over_time(name, trainers, model_cfg, data, workdir, args)
+    return {"time_to_accuracy": curve,"recipe": task["recipe"], "budget_seconds": budget, "batch_size": targs.batch_size,
             "mmcl_threads": args.mmcl_threads or "torch default",
             "workers": targs.workers, "trainers": trainers, "comparison": rows,
             "all_clearly_ahead": all(r["clearly_ahead"] for r in rows), "all_ahead": all(r["ahead"] for r in rows)}
+
+
+def accuracy_over_time(name: str, trainers: dict, model_cfg: dict, data: Path, workdir: Path, args) -> dict:
+    """The zero-shot curve of every saved checkpoint and the time each trainer needs to reach the same accuracy."""
+    ours, theirs = trainers["mmcl"], trainers["open_clip_train"]
+    if name not in args.curve_tasks or not ours.get("run_dir") or not theirs.get("run_dir"):
+        return {}
+    common.say(f"budget {name}: scoring every checkpoint of both trainers")
+    return accuracy_curve.curve_summary(Path(ours["run_dir"]), ours["started_at"], Path(theirs["run_dir"]),
+                                        theirs["started_at"], theirs["steps_per_epoch"], model_cfg, data, workdir)
 
 
 def parse_args(argv=None):
@@ -261,6 +280,8 @@ def parse_args(argv=None):
     p.add_argument("--grace", type=float, default=GRACE, help="stop runs at this multiple of the budget")
     p.add_argument("--mmcl-threads", type=int, default=None,
                    help="OMP_NUM_THREADS for mmcl's runs (default: torch's default, as shipped)")
+    p.add_argument("--curve-tasks", nargs="*", default=["digits"], choices=["digits"],
+                   help="tasks whose every checkpoint is scored for the time-to-accuracy comparison")
     p.add_argument("--quick", action="store_true", help="budgets of 120 s (digits) and 150 s (flickr8k)")
     p.add_argument("--out", default="learning_budget.json")
     p.add_argument("--cross-check-child", nargs=3, help=argparse.SUPPRESS)

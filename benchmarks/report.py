@@ -68,7 +68,7 @@ def budget_rows(d: dict) -> List[Row]:
         trainers = task["trainers"]
         m, o = trainers["mmcl"], trainers["open_clip_train"]
         threads = task.get("mmcl_threads", "torch default")
-        variant = "" if threads == "torch default" else f" (mmcl with OMP_NUM_THREADS={threads}, proposed default)"
+        variant = "" if threads == "torch default" else f" (mmcl with OMP_NUM_THREADS={threads})"
         setting = (f"{task['budget_seconds']:.0f} s budget, {task['recipe']}, batch {task['batch_size']}; steps "
                    f"{m.get('steps_done', '?')} vs {o.get('steps_done', '?')}, seconds used "
                    f"{m.get('seconds', 0):.0f} vs {o.get('seconds', 0):.0f}")
@@ -76,12 +76,29 @@ def budget_rows(d: dict) -> List[Row]:
             diff = "-" if r["difference"] is None else f"{r['difference']:+.3f} (2 SE {r['two_standard_errors']:.3f})"
             rows.append([f"2 {r['metric']} in a fixed budget{variant}", f"{r['dataset']} test", setting, num(r["mmcl"], 3),
                          num(r["open_clip_train"], 3), diff, "mmcl clearly ahead", met(r["clearly_ahead"])])
+        rows += time_to_accuracy_rows(task)
         checks = {k: v for t in trainers.values() for k, v in t.get("clip_benchmark_max_difference", {}).items()}
         if checks:
             worst = max(checks.values())
             rows.append(["2 evaluator cross-check vs clip_benchmark", ", ".join(sorted(checks)), "same exports",
                          "mmcl eval", "clip_benchmark", f"max diff {worst:.1e}", "<= 1e-6", met(worst <= 1e-6)])
     return rows
+
+
+def time_to_accuracy_rows(task: dict) -> List[Row]:
+    """Seconds (training process start to checkpoint) each trainer needed to reach the same zero-shot top-1."""
+    t = task.get("time_to_accuracy") or {}
+    if not t.get("target"):
+        return []
+    ours, theirs = t["reached"].get("mmcl"), t["reached"].get("open_clip_train")
+    cell = lambda r: f"{r['seconds']:.0f} s (step {r['step']})" if r else "not reached"  # noqa: E731
+    speedup = t.get("speedup")
+    points = {k: len(v) for k, v in t["curves"].items()}
+    return [[f"2 time to the same zero-shot top-1 ({t['target']:.3f})", "digits test",
+             f"{task['recipe']}, batch {task['batch_size']}; best top-1 {t['best']['mmcl']:.3f} vs "
+             f"{t['best']['open_clip_train']:.3f}; {points['mmcl']} vs {points['open_clip_train']} checkpoints scored",
+             cell(ours), cell(theirs), f"{speedup:.2f}x faster" if speedup else "-", "mmcl faster",
+             met(bool(speedup and speedup > 1))]]
 
 
 def loss_cell(r: dict) -> str:

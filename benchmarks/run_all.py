@@ -10,7 +10,7 @@ others still run):
   throughput    train_throughput.py      mmcl vs open_clip_train samples/s; pipeline efficiency
   budget        learning_budget.py       same wall-clock budget, digits and Flickr8k, judged by one evaluator
   budget_threads  learning_budget.py --mmcl-threads N: the same with mmcl on cores - workers threads
-                (the proposed default; only with --only budget_threads)
+                (a thread-policy variant; only with --only budget_threads)
   loss          loss_scaling.py          ClipLoss dense / chunked vs open_clip, B = 1k ... 65k (own script)
   eval          eval_vs_clip_benchmark.py  mmcl eval vs clip_benchmark, images/s and metric parity (own script)
   ssl           ssl_throughput.py        SimCLR step vs a lightly NTXentLoss loop, samples/s and loss parity

@@ -21,13 +21,14 @@ import torch
 from webdataset.tariterators import tarfile_samples
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipelines import decode
+from data_pipelines import decode, tarstream
 from data_pipelines.decode import BadSample
 
 
 @dataclass
 class SampleSpec:
-    """What one sample turns into. `image` uses `image_transform`; `views` applies `view_transform` n times."""
+    """What one sample turns into. `image` uses `image_transform`; `views` applies `view_transform` n times.
+    An image transform with a `finish` method is applied in two halves: per sample, then `finish` per batch."""
 
     image_transform: Optional[Callable] = None
     tokenizer: Optional[Callable] = None
@@ -154,16 +155,16 @@ class ShardStream(IterableDataset):
             passes, self.good_in_pass = passes + 1, 0
 
     def raw_samples(self, counter: SkipCounter, rng: random.Random) -> Iterator[dict]:
-        def on_error(err: Exception) -> bool:
-            counter.add("read_error")  # truncated or unreadable tar: skip the rest of that shard
-            return True
-
-        def opened(url: str) -> dict:
-            if is_truncated(url):  # tarfile reads a cut archive as if it simply ended: check the tail
+        """Raw samples of this worker's shards: local tars through mmcl's fast reader, URLs through webdataset."""
+        for url in self.shard_urls(rng):
+            if not os.path.isfile(url):
+                yield from tarfile_samples([{"url": url}], handler=lambda err: counter.add("read_error") or True)
+                continue
+            # tarfile-style readers take a cut archive for a short one: the missing end blocks tell
+            truncated = is_truncated(url)
+            if truncated:
                 counter.add("truncated_tar")
-            return {"url": url}
-
-        yield from tarfile_samples((opened(url) for url in self.shard_urls(rng)), handler=on_error)
+            yield from tarstream.shard_samples(url, lambda err: truncated or counter.add("read_error"))
 
     def make_sample(self, raw: dict, rng: random.Random) -> dict:
         spec, out = self.spec, {"key": raw.get("__key__", "")}
@@ -182,6 +183,9 @@ class ShardStream(IterableDataset):
         batch = {"skipped": counter.pop(), "key": [s["key"] for s in samples]}
         if "image" in samples[0]:
             batch["image"] = torch.stack([s["image"] for s in samples])
+            finish = getattr(self.spec.image_transform, "finish", None)
+            if finish is not None:  # the batch half of a two-part transform (transforms.ClipTrainTransform)
+                batch["image"] = finish(batch["image"])
         if "caption" in samples[0]:
             batch["caption"] = [s["caption"] for s in samples]
             batch["text"] = self.spec.tokenizer(batch["caption"])

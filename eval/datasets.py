@@ -4,7 +4,7 @@ Layout (see data_pipelines.shards): `ROOT/SPLIT/{0..N-1}.tar` + `nshards.txt`, `
 `ROOT/zeroshot_classification_templates.txt`, `ROOT/dataset_type.txt`.
 
 Speed comes from three things that leave every number unchanged:
-- shards are read with eval.tarstream (6x faster than `tarfile` on small images);
+- shards are read with data_pipelines.tarstream (6x faster than `tarfile` on small images);
 - an open_clip / torchvision eval transform is split in two: its PIL steps (resize, crop, RGB) run per sample,
   its ToTensor + Normalize tail runs once per batch on uint8 pixels (bit-identical, 4x less to send
   between processes);
@@ -31,7 +31,7 @@ from torchvision import transforms as T
 
 from data_pipelines import decode, shards
 from data_pipelines.decode import BadSample
-from eval.tarstream import shard_samples
+from data_pipelines.tarstream import shard_samples
 
 CLASSIFICATION, RETRIEVAL = "classification", "retrieval"
 

@@ -32,6 +32,7 @@ class ModelConfig:
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0
     grad_checkpointing: bool = False
+    packed_attention: bool = True  # the faster training path for open_clip's attention (mmcl.models.attention)
     ssl_head: List[int] = field(default_factory=lambda: [512, 128])  # hidden..., out dims of the SSL MLP
 
 
@@ -79,6 +80,7 @@ class OptimConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
     grad_clip: Optional[float] = None
+    fused: bool = True  # torch's fused AdamW kernel (CPU and CUDA); false: torch's default implementation
 
 
 @dataclass

@@ -11,7 +11,7 @@ from PIL import Image
 
 from data_pipelines.writers import ShardWriter
 from eval.datasets import BatchPreprocess, Limit, SplitStream, batch_iterator, describe_split, prefetch
-from eval.tarstream import shard_samples
+from data_pipelines.tarstream import shard_samples
 
 
 def jpeg(color, size=(20, 14), mode="RGB", fmt="JPEG"):

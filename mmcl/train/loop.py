@@ -111,11 +111,14 @@ def optimizer_step(run: Run, batch: dict):
         losses = T.cached_backward(objective, T.split_batch(batch, t.accum_steps), accelerator)
     params = T.trainable(objective)
     T.sync_gradients(params)
+    if accelerator.scaler is not None:
+        accelerator.unscale_gradients()  # the norm and the clipping see the true gradients
+    norm = T.grad_norm(params)
     # fp16: the gradient scaler owns overflowing gradients (it skips the update and lowers the scale)
-    finite = T.all_finite(losses["loss"], params if accelerator.scaler is None else ())
+    finite = T.all_finite(losses["loss"], norm if accelerator.scaler is None else None)
     if finite:
         if run.recipe.optim.grad_clip:
-            accelerator.clip_grad_norm_(params, run.recipe.optim.grad_clip)
+            T.clip_gradients(params, run.recipe.optim.grad_clip, norm)
         run.optimizer.step()
         if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped this update
             run.scheduler.step()

@@ -31,7 +31,10 @@ def make_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     groups = param_groups(module, cfg.weight_decay)
     if not any(group["params"] for group in groups):
         raise ValueError("nothing to train: every parameter is frozen (check model.lock_image / lock_text)")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    # the fused kernel updates every tensor in one pass; torch's CPU default is a Python loop over tensors
+    fused = cfg.fused and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                              for group in groups for p in group["params"])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -14,6 +14,7 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from data_pipelines import shards
 from data_pipelines.stream import SampleSpec, ShardStream, make_loader
+from data_pipelines.tokens import CachedTokenizer
 from data_pipelines.transforms import clip_transform, view_transform
 from mmcl import runs
 from mmcl.config import ConfigError, Recipe, dump_recipe
@@ -79,7 +80,7 @@ def sample_spec(recipe: Recipe, objective: Objective, model_cfg: dict, tokenizer
     mean, std = pp.get("mean"), pp.get("std")
     return SampleSpec(
         image_transform=clip_transform(size, True, mean, std, tuple(d.crop_scale)) if objective.uses_image else None,
-        tokenizer=tokenizer if objective.uses_text else None,
+        tokenizer=CachedTokenizer(tokenizer) if objective.uses_text else None,
         view_transform=view_transform(size, crop_scale=tuple(d.view_crop_scale), mean=mean, std=std)
         if objective.uses_views else None,
         num_views=d.num_views, max_pixels=d.max_pixels)

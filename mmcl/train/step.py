@@ -1,7 +1,7 @@
 """One optimizer step: forward, backward (plain or feature-cached accumulation), gradient sync, update."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -100,10 +100,26 @@ def cached_backward(objective: Objective, micro_batches: List[dict], accelerator
     return {k: v.detach() for k, v in losses.items()}
 
 
-def all_finite(loss: torch.Tensor, params: List[torch.Tensor] = ()) -> bool:
-    """True when the loss and the gradients of `params` are finite on every process (all processes must agree
-    to skip a step). A finite loss can still have an inf or NaN gradient, which would poison the weights."""
-    checks = [torch.isfinite(loss).all()] + [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+def grad_norm(params: List[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of the gradients (one fused pass), as torch's clip_grad_norm_ computes it."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def clip_gradients(params: List[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
+    """Scale the gradients down to `max_norm` when `norm` exceeds it (torch's clip_grad_norm_ rule)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+
+
+def all_finite(loss: torch.Tensor, norm: Optional[torch.Tensor] = None) -> bool:
+    """True when the loss and the gradient norm are finite on every process (all must agree to skip a step).
+    A finite loss can still have an inf or NaN gradient, which would poison the weights; the global norm is
+    non-finite exactly when some gradient is, and costs one pass instead of one check per parameter."""
+    checks = [torch.isfinite(loss).all()] + ([torch.isfinite(norm)] if norm is not None else [])
     flag = torch.stack(checks).all().float().reshape(1)
     if distributed.is_distributed():
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
