@@ -57,8 +57,9 @@ def throughput_rows(d: dict) -> List[Row]:
     rows = []
     for c in d["comparisons"]:
         anchor = spread(summary[c["anchor"]]) + (" (in memory)" if "in_memory" in c["anchor"] else "")
+        target = "-" if c["target"] is None else f">= {c['target']}"
         rows.append([f"1 train samples/s: {c['label']}", data, setting, spread(summary[c["ours"]]), anchor,
-                     ratio_cell(c), f">= {c['target']}", met(c["met"])])
+                     ratio_cell(c), target, "-" if c["met"] is None else met(c["met"])])
     return rows
 
 

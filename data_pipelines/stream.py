@@ -11,6 +11,7 @@ which is what makes resume exact.
 """
 from __future__ import annotations
 
+import copy
 import os
 import random
 from collections import Counter
@@ -219,6 +220,47 @@ class ShardStream(IterableDataset):
             yield sample
 
 
+PAD = "__pad__"  # key of the filler items EpochStream's workers yield to keep epochs aligned
+
+
+class EpochStream(IterableDataset):
+    """Fixed-length epochs of a ShardStream one after another, for DataLoader workers that live across epochs.
+
+    Batch j of an epoch is worker (j % workers)'s next batch of its stream for that epoch: the same batches
+    as a fresh loader per epoch gives, without its cost (new processes, and each worker's shuffle buffer and
+    prefetched batches thrown away at every epoch end). Workers pad their share of an epoch to the same
+    length with `{PAD: True}` items, which the consumer drops, so that every epoch starts again at worker 0
+    of the loader's round-robin.
+    """
+
+    def __init__(self, stream: ShardStream, batches_per_epoch: int, first_epoch: int, epochs: int):
+        super().__init__()
+        self.stream, self.batches_per_epoch = stream, batches_per_epoch
+        self.first_epoch, self.epochs = first_epoch, epochs
+
+    def items_per_epoch(self, workers: int) -> int:
+        """Loader items per epoch, fillers included."""
+        slots = max(1, workers)
+        return -(-self.batches_per_epoch // slots) * slots
+
+    def for_epoch(self, epoch: int) -> ShardStream:
+        stream = copy.copy(self.stream)
+        stream.epoch = epoch
+        return stream
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = worker_slot()
+        share = -(-self.batches_per_epoch // workers)
+        for epoch in range(self.first_epoch, self.first_epoch + self.epochs):
+            mine = len(range(worker, self.batches_per_epoch, workers))
+            batches = iter(self.for_epoch(epoch))
+            for _ in range(mine):
+                yield next(batches)
+            batches.close()
+            for _ in range(share - mine):
+                yield {PAD: True}
+
+
 def shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
     """A reservoir shuffle: keep `size` samples, emit a random one as each new one arrives."""
     if size <= 1:
@@ -236,7 +278,7 @@ def shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator
     yield from pool
 
 
-def make_loader(stream: ShardStream, workers: int = 2) -> DataLoader:
+def make_loader(stream: IterableDataset, workers: int = 2) -> DataLoader:
     """A DataLoader over a batching stream (the stream batches; the loader only parallelises)."""
     return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
                       prefetch_factor=4 if workers > 0 else None)

@@ -14,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from data_pipelines import shards
-from data_pipelines.stream import SampleSpec, ShardStream, assign_shards, make_loader, shuffled
+from data_pipelines.stream import PAD, EpochStream, SampleSpec, ShardStream, assign_shards, make_loader, shuffled
 from data_pipelines.transforms import clip_transform, view_transform
 
 
@@ -192,3 +192,22 @@ def test_reservoir_shuffle_keeps_every_sample():
     rng = random.Random(0)
     out = list(shuffled(iter(range(100)), 10, rng))
     assert sorted(out) == list(range(100)) and out != list(range(100))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_epoch_stream_gives_the_batches_of_a_fresh_loader_per_epoch(tmp_path, workers):
+    """Workers that live across epochs yield, epoch by epoch, what a new loader per epoch would (7 batches per
+    epoch over 2 workers: the fillers keep every epoch starting at worker 0)."""
+    urls = write_shards(tmp_path, 4, 9)
+    base = ShardStream(urls, SPEC, batch_size=4, seed=3, rank=0, world=1, shuffle_buffer=5)
+    per_epoch = []
+    for epoch in range(3):
+        stream = ShardStream(urls, SPEC, batch_size=4, seed=3, epoch=epoch, rank=0, world=1, shuffle_buffer=5)
+        loader = iter(make_loader(stream, workers))
+        per_epoch.append([next(loader)["key"] for _ in range(7)])
+    epochs = EpochStream(base, batches_per_epoch=7, first_epoch=0, epochs=3)
+    items = list(make_loader(epochs, workers))
+    assert len(items) == 3 * epochs.items_per_epoch(workers)
+    real = [item["key"] for item in items if not item.get(PAD)]
+    assert real == [keys for epoch in per_epoch for keys in epoch]
+    assert sum(1 for item in items if item.get(PAD)) == (3 if workers == 2 else 0)

@@ -52,12 +52,11 @@ def last_good(run_dir: Path) -> str:
 def train(recipe: Recipe) -> dict:
     run, rng = start(recipe)
     state, t, meter = run.state, recipe.train, Meter(run.state.samples, run.state.step)
+    data = S.TrainData(recipe, run.plan, run.spec, state.epoch, skip=state.step_in_epoch)
+    if rng is not None:  # resumed: the data position is restored, now the RNG exactly as saved
+        set_rng_state(rng)
     while state.step < run.plan.total_steps:
-        batches = S.epoch_batches(recipe, run.plan, run.spec, state.epoch, skip=state.step_in_epoch)
-        if rng is not None:  # resumed: the data position is restored, now the RNG exactly as saved
-            set_rng_state(rng)
-            rng = None
-        for batch in batches:
+        for batch in data.epoch(state.epoch):
             losses, finite = optimizer_step(run, batch)
             meter.add(losses, finite)
             if state.step % t.log_every == 0 or state.step == run.plan.total_steps:
@@ -76,6 +75,7 @@ def train(recipe: Recipe) -> dict:
                 run.save()
         else:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
+    data.close()
     run.save()
     return finish(recipe, run.objective, run.model_cfg, state, run.accelerator, run.log)
 
