@@ -53,26 +53,22 @@ def score(points: Dict[str, List[dict]], model_cfg: dict, data: Path, workdir: P
 
 
 def child(request_path: str) -> None:
-    import torch
+    import open_clip
 
     import eval as mmcl_eval
+    import openclip_anchor
     from mmcl.models import factory
     from mmcl.models.loading import run_towers_state
 
     request = json.loads(Path(request_path).read_text())
     model = factory.instantiate(request["model_cfg"]).eval()
-    import open_clip
-
     preprocess = open_clip.image_transform(factory.image_size(request["model_cfg"]), is_train=False)
     tokenizer = factory.make_tokenizer(request["model_cfg"])
     out = {}
     for trainer, points in request["points"].items():
         for point in points:
-            if point["kind"] == "mmcl":
-                state = run_towers_state(Path(point["path"]))
-            else:
-                state = torch.load(point["path"], map_location="cpu", weights_only=False)["state_dict"]
-                state = {k.removeprefix("module."): v for k, v in state.items()}
+            path = Path(point["path"])
+            state = run_towers_state(path) if point["kind"] == "mmcl" else openclip_anchor.checkpoint_state(path)
             model.load_state_dict(state)
             result = mmcl_eval.evaluate_dataset(model, preprocess, tokenizer, request["data"], split="test",
                                                 task="zeroshot_classification", workers=0, progress=False)

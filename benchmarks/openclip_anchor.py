@@ -116,14 +116,20 @@ def latest_checkpoint(run: AnchorRun) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def checkpoint_state(checkpoint: Path) -> dict:
+    """The model weights in open_clip_train's epoch_N.pt, with the keys an open_clip model has."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    return {k.removeprefix("module."): v.contiguous() for k, v in state.items()}
+
+
 def export_checkpoint(checkpoint: Path, model_cfg: dict, out: Path) -> Path:
     """open_clip_train's epoch_N.pt -> an open_clip `local-dir:` export (the format `mmcl export` writes)."""
     import open_clip
-    import torch
     from safetensors.torch import save_file
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-    state = {k.removeprefix("module."): v.contiguous() for k, v in state.items()}
+    state = checkpoint_state(checkpoint)
     open_clip.CLIP(**model_cfg).load_state_dict(state)  # refuses a checkpoint that does not fit the config
     size = model_cfg["vision_cfg"].get("image_size", 224)
     preprocess = dataclasses.asdict(open_clip.transform.PreprocessCfg(size=size))

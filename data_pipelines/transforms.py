@@ -30,12 +30,19 @@ def clip_transform(image_size: int, train: bool, mean: Sequence[float] = OPENAI_
     return open_clip.image_transform(image_size, is_train=False, mean=tuple(mean), std=tuple(std))
 
 
+def pixels_to_input(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [B, H, W, 3] -> the float [B, 3, H, W] model input, exactly as ToTensor (x / 255) then
+    Normalize ((x - mean) / std) compute it; `mean` and `std` are shaped [1, 3, 1, 1]."""
+    x = pixels.permute(0, 3, 1, 2).to(mean.dtype).div(255)
+    return x.sub_(mean).div_(std).contiguous()
+
+
 class ClipTrainTransform:
     """open_clip's train transform, RandomResizedCrop(bicubic) -> RGB -> ToTensor -> Normalize, in two halves.
 
     Per sample (`__call__`): the crop box, drawn by torchvision's rule (10 tries, then a centre crop), and the
-    PIL crop + bicubic resize, kept as uint8 (a quarter of the bytes to pass between processes). Per batch
-    (`finish`): the same division by 255 and normalisation as ToTensor + Normalize, in one vectorised op.
+    PIL crop + bicubic resize, kept as uint8 H x W x 3 pixels (a quarter of the bytes to pass between
+    processes). Per batch (`finish`): `pixels_to_input`, ToTensor + Normalize in one vectorised op.
     For a given box the pixels equal open_clip's bit for bit; the box costs one `torch.rand` per try where
     torchvision's get_params makes six small tensor calls (a third of the whole transform's time).
     """
@@ -68,14 +75,14 @@ class ClipTrainTransform:
         out = image.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.BICUBIC)
         if out.mode != "RGB":
             out = out.convert("RGB")
-        return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)
+        return torch.from_numpy(np.array(out, dtype=np.uint8))  # H x W x 3, the pixels ToTensor would read
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.crop(image, self.box(*image.size))
 
     def finish(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, H, W] -> normalised float, as ToTensor (x / 255) then Normalize ((x - mean) / std)."""
-        return batch.float().div(255).sub_(self.mean).div_(self.std)
+        """uint8 [B, H, W, 3] -> normalised float [B, 3, H, W]."""
+        return pixels_to_input(batch, self.mean, self.std)
 
 
 @dataclass

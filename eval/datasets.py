@@ -32,6 +32,7 @@ from torchvision import transforms as T
 from data_pipelines import decode, shards
 from data_pipelines.decode import BadSample
 from data_pipelines.tarstream import shard_samples
+from data_pipelines.transforms import pixels_to_input
 
 CLASSIFICATION, RETRIEVAL = "classification", "retrieval"
 
@@ -123,8 +124,7 @@ class BatchPreprocess:
         return self.preprocess.transforms[-1](self.preprocess.transforms[-2](out))
 
     def _to_float(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.permute(0, 3, 1, 2).to(torch.get_default_dtype()).div(255)
-        return x.sub_(self.mean).div_(self.std).contiguous()
+        return pixels_to_input(pixels, self.mean, self.std)
 
     def stack(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
         """One batch tensor: uint8 NHWC when every item is uint8 pixels, else float NCHW."""
