@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import random
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -164,6 +165,23 @@ def test_truncated_tar_keeps_the_rest_and_is_counted(tmp_path):
     assert set(f"s{n:05d}" for n in range(20, 40)) <= set(keys)  # the intact shard is read whole
     assert 20 < len(keys) < 40  # part of the cut shard too
     assert skipped["truncated_tar"] == 1
+
+
+def test_damaged_tar_header_is_counted_and_the_stream_goes_on(tmp_path):
+    """Training streams read local tars with mmcl's parser: a header whose checksum fails ends that shard
+    (one read_error), the other shard is read whole."""
+    urls = write_shards(tmp_path, 2, 10)
+    with tarfile.open(urls[0]) as tar:
+        header = tar.getmembers()[15].offset  # the 16th member: sample 5's first file
+    data = bytearray(Path(urls[0]).read_bytes())
+    data[header] ^= 0xFF  # its checksum no longer matches
+    Path(urls[0]).write_bytes(bytes(data))
+    skipped, keys = Counter(), []
+    for batch in make_loader(ShardStream(urls, SPEC, batch_size=1, repeat=False, rank=0, world=1, shuffle_buffer=0), 0):
+        skipped.update(batch["skipped"])
+        keys += batch["key"]
+    assert sorted(keys) == [f"s{n:05d}" for n in range(5)] + [f"s{n:05d}" for n in range(10, 20)]
+    assert skipped == {"read_error": 1}
 
 
 def test_a_stream_with_no_usable_sample_stops_instead_of_hanging(tmp_path):
