@@ -45,7 +45,8 @@ RUN_SPECS = {
     "simclr": ("cifar10_simclr_tiny", [], CIFAR, "linear_probe"),
     "moco": ("cifar10_moco_tiny", [], CIFAR, "linear_probe"),
     "slip": ("flickr8k_slip_tiny", [], FLICKR, "retrieval"),
-    "clip": ("flickr8k_slip_tiny", ["objective.name=clip"], FLICKR, "retrieval"),
+    "clip": ("flickr8k_slip_tiny", ["objective.name=clip", "objective.slip=null", "objective.simclr=null"], FLICKR,
+             "retrieval"),
 }
 RETRIEVAL_KEYS = [f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)]
 PROBE_KEYS = ["knn_acc1", "knn_acc5", "linear_probe_acc1", "linear_probe_acc5"]

@@ -59,7 +59,7 @@ class LightlySimCLR:
 
         self.module = nn.ModuleDict({"visual": copy.deepcopy(objective.model.visual),
                                      "head": copy.deepcopy(objective.head)})
-        self.criterion = NTXentLoss(temperature=recipe.objective.temperature)
+        self.criterion = NTXentLoss(temperature=recipe.objective.section("simclr").temperature)
         self.optimizer = make_optimizer(self.module, recipe.optim)
         self.scheduler = make_scheduler(self.optimizer, total_steps, recipe.optim)
         self.clip = recipe.optim.grad_clip
@@ -152,7 +152,7 @@ def main(argv=None) -> dict:
     common.say(f"ssl: {len(batches)} batches of {args.batch_size} x 2 views in memory")
     report = {"machine": common.machine_info(),
               "settings": {"recipe": "cifar10_simclr_tiny", "batch_size": args.batch_size, "views": 2,
-                           "temperature": recipe.objective.temperature, "steps_per_block": args.steps,
+                           "temperature": recipe.objective.section("simclr").temperature, "steps_per_block": args.steps,
                            "repeats": args.repeats, "parity_steps": args.parity_steps},
               "parity": parity(run, anchor, batches, args.parity_steps),
               "throughput": throughput(run, anchor, batches, args)}

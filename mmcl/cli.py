@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,6 +18,16 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 def one_line(err: Exception) -> str:
     """Errors are reported on one line (set MMCL_DEBUG=1 for the traceback)."""
     return " ".join(str(err).split()) or type(err).__name__
+
+
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """mmcl's own deprecation warnings as one line, like its errors; other warnings as Python shows them."""
+    if issubclass(category, FutureWarning) and Path(filename).resolve().is_relative_to(Path(__file__).parent):
+        return f"mmcl: warning: {message}\n"
+    return PYTHON_FORMAT_WARNING(message, category, filename, lineno, line)
+
+
+PYTHON_FORMAT_WARNING = warnings.formatwarning
 
 
 def find_recipe(name: str) -> str:
@@ -88,6 +99,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from mmcl.models.weights import UnsafeCheckpointError
     from mmcl.train.loop import TrainingError
 
+    warnings.formatwarning = format_warning
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0

@@ -13,6 +13,10 @@ from typing import Any, Dict, List, Literal, Optional
 
 import yaml
 
+from mmcl import objective_options
+from mmcl.objective_options import (SECTION_TYPES, SECTIONS, ClipOptions, MoCoOptions, SigLipOptions,
+                                   SimCLROptions, SlipOptions)
+
 
 class ConfigError(ValueError):
     """A recipe problem; the message starts with the dotted key."""
@@ -56,18 +60,25 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: Literal["clip", "siglip", "simclr", "moco", "slip"] = "clip"
-    local_loss: bool = True
-    gather_with_grad: bool = True
-    chunk_size: Optional[int] = None  # memory-bounded loss: blocks of this many rows
-    temperature: float = 0.1  # SimCLR / MoCo
-    queue_size: int = 4096  # MoCo v2
-    momentum: float = 0.99  # EMA of the key encoder
-    momentum_cosine: bool = False  # anneal momentum to 1 over training
-    moco_version: Literal[2, 3] = 2
-    ssl_weight: float = 1.0  # SLIP: weight of the SimCLR term next to CLIP's
-    clip_weight: float = 1.0
-    cross_modal_queue: int = 0  # CLIP with MoCo-style text/image key queues of this size (0 = off)
+    """`name` picks the objective; its options live in the sections it reads (mmcl/objective_options.py)."""
+
+    name: str = "clip"  # one of objective_options.NAMES
+    chunk_size: Optional[int] = None  # memory-bounded loss: blocks of this many rows (every InfoNCE objective)
+    clip: Optional[ClipOptions] = None
+    siglip: Optional[SigLipOptions] = None
+    simclr: Optional[SimCLROptions] = None
+    moco: Optional[MoCoOptions] = None
+    slip: Optional[SlipOptions] = None
+
+    def section(self, name: str) -> Any:
+        """The options of section `name`: as the recipe gave them, else that section's defaults."""
+        value = getattr(self, name)
+        return value if value is not None else SECTION_TYPES[name]()
+
+    def fill_sections(self) -> None:
+        """Give every section the named objective reads its defaults, so the saved config.yaml shows them."""
+        for name in SECTIONS[self.name]:
+            setattr(self, name, self.section(name))
 
 
 @dataclass
@@ -220,13 +231,35 @@ def load_tree(path: str) -> dict:
 def load_recipe(path: str, overrides: Optional[List[str]] = None) -> Recipe:
     """Read a YAML recipe, apply dotted overrides, and return the validated typed config."""
     tree = load_tree(path)
+    prepare_objective(tree)
     for assignment in overrides or []:
         apply_override(tree, assignment)
+    prepare_objective(tree, overriding=True)  # flat keys from the command line replace the file's value
     recipe = from_dict(Recipe, tree)
+    recipe.objective.fill_sections()
     from mmcl.validate import validate  # value checks live next to the schema but in their own module
 
     validate(recipe)
     return recipe
+
+
+def prepare_objective(tree: dict, overriding: bool = False) -> None:
+    """Check objective.name, move mmcl 0.1's flat keys into the named objective's sections and refuse the
+    sections it does not read. Run on the file, then again after the overrides (`overriding`: their flat keys
+    replace the file's values; only then, with the final name, are the sections checked)."""
+    node = tree.get("objective")
+    if not isinstance(node, dict):
+        return  # absent (defaults), or not a mapping (from_dict names the problem)
+    name = node.get("name", "clip")
+    if not isinstance(name, str) or name not in SECTIONS:
+        raise ConfigError(f"objective.name: must be one of {', '.join(SECTIONS)}; got {name!r}")
+    try:
+        objective_options.move_flat_keys(node, overriding)
+        if overriding:
+            given = [key for key, value in node.items() if key in SECTION_TYPES and value is not None]
+            objective_options.check_sections(name, given)
+    except objective_options.OptionError as err:
+        raise ConfigError(str(err)) from None
 
 
 def to_dict(recipe: Recipe) -> dict:
@@ -234,4 +267,6 @@ def to_dict(recipe: Recipe) -> dict:
 
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    tree = to_dict(recipe)
+    tree["objective"] = {k: v for k, v in tree["objective"].items() if v is not None or k not in SECTION_TYPES}
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from mmcl.config import ConfigError, Recipe
+from mmcl.objective_options import SECTIONS, OptionError
 
 
 def positive(key: str, value, allow_zero: bool = False) -> None:
@@ -127,18 +128,18 @@ def check_output_dir(path: str) -> None:
 
 
 def check_objective(recipe: Recipe) -> None:
+    """Each section the objective reads checks its own values (mmcl/objective_options.py)."""
     o = recipe.objective
-    positive("objective.temperature", o.temperature)
-    positive("objective.queue_size", o.queue_size)
-    positive("objective.cross_modal_queue", o.cross_modal_queue, allow_zero=True)
-    positive("objective.ssl_weight", o.ssl_weight, allow_zero=True)
-    positive("objective.clip_weight", o.clip_weight, allow_zero=True)
     if o.chunk_size is not None:
         positive("objective.chunk_size", o.chunk_size)
-    if not 0 <= o.momentum <= 1:
-        raise ConfigError(f"objective.momentum: must be in [0, 1], got {o.momentum}")
-    if o.cross_modal_queue and o.name != "clip":
-        raise ConfigError(f"objective.cross_modal_queue: only objective.name=clip has cross-modal queues, not {o.name}")
+    for name in SECTIONS[o.name]:
+        try:
+            o.section(name).check(f"objective.{name}")
+        except OptionError as err:
+            raise ConfigError(str(err)) from None
+    if o.name != "clip" and o.clip is not None and o.clip.cross_modal_queue:
+        raise ConfigError(f"objective.clip.cross_modal_queue: only objective.name=clip has cross-modal queues, "
+                          f"not {o.name}")
     if o.name in ("simclr", "moco", "slip") and recipe.data.num_views < 2:
         raise ConfigError(f"data.num_views: {o.name} needs at least 2 views, got {recipe.data.num_views}")
 

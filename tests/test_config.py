@@ -39,7 +39,14 @@ BAD_RECIPES = [
     ("too-few-samples-for-a-batch", {"data.samples_per_epoch": 10}, "data.samples_per_epoch:"),
     ("bad-crop-scale", {"data.crop_scale": [0.9, 0.5]}, "data.crop_scale: must be [low, high]"),
     ("unknown-objective", {"objective.name": "byol"}, "objective.name: must be one of"),
-    ("momentum-above-one", {"objective.momentum": 1.5}, "objective.momentum: must be in [0, 1]"),
+    ("momentum-above-one", {"objective.clip.momentum": 1.5}, "objective.clip.momentum: must be in [0, 1]"),
+    ("option-of-another-objective", {"objective.moco.queue_size": 64},
+     "objective.moco: options of objective moco, but objective.name is clip"),
+    ("flat-key-of-another-objective", {"objective.queue_size": 64},
+     "objective.queue_size: not an option of objective clip (it is objective.moco.queue_size)"),
+    ("flat-and-section-key-twice", {"objective.local_loss": False, "objective.clip.local_loss": True},
+     "objective.local_loss: given twice (also as objective.clip.local_loss)"),
+    ("bad-section-value", {"objective.clip.local_loss": "yes"}, "objective.clip.local_loss: expected true or false"),
     ("bad-precision", {"train.precision": "fp64"}, "train.precision: must be one of fp32, bf16, fp16"),
     ("arch-and-config", {"model.arch": "ViT-B-32"}, "model: give exactly one of model.arch"),
     ("neither-arch-nor-config", {"model.config": DELETE}, "model: give exactly one of model.arch"),
@@ -139,14 +146,39 @@ def test_malformed_override(override, expected, tiny_recipe, capsys):
 def test_dotted_overrides_change_values_and_parse_types(tiny_recipe, tmp_path):
     recipe = load_recipe(str(tiny_recipe()), ["train.batch_size=16", "optim.lr=1e-3", "train.max_steps=null",
                                               "data.crop_scale=[0.5, 1]", "model.config.vision_cfg.layers=1",
-                                              "objective.local_loss=false", "eval.split=test"])
+                                              "objective.clip.local_loss=false", "eval.split=test"])
     assert recipe.train.batch_size == 16
     assert isinstance(recipe.optim.lr, float) and recipe.optim.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
     assert recipe.train.max_steps is None
     assert recipe.data.crop_scale == [0.5, 1.0] and all(isinstance(x, float) for x in recipe.data.crop_scale)
     assert recipe.model.config["vision_cfg"]["layers"] == 1
     assert recipe.model.config["text_cfg"]["layers"] == 2  # siblings untouched
-    assert recipe.objective.local_loss is False
+    assert recipe.objective.clip.local_loss is False
+
+
+def test_objective_options_live_in_the_sections_the_objective_reads(tiny_recipe, tmp_path):
+    recipe = load_recipe(str(tiny_recipe()), ["objective.name=slip", "data.num_views=2",
+                                              "objective.simclr.temperature=0.3"])
+    assert recipe.objective.simclr.temperature == 0.3
+    assert recipe.objective.slip.ssl_weight == 1.0 and recipe.objective.clip.local_loss is True  # defaults
+    assert recipe.objective.moco is None and recipe.objective.siglip is None  # sections slip does not read
+    dumped = tmp_path / "config.yaml"
+    dump_recipe(recipe, dumped)
+    assert set(yaml.safe_load(dumped.read_text())["objective"]) == {"name", "chunk_size", "slip", "clip", "simclr"}
+    assert load_recipe(str(dumped)) == recipe
+
+
+def test_flat_objective_keys_of_mmcl_0_1_still_load_with_a_warning(tiny_recipe):
+    with pytest.warns(FutureWarning, match="objective.temperature is deprecated.*objective.moco.temperature"):
+        recipe = load_recipe(str(tiny_recipe({"objective.name": "moco", "objective.temperature": 0.25,
+                                              "objective.moco_version": 3, "data.num_views": 2})))
+    assert recipe.objective.moco.temperature == 0.25 and recipe.objective.moco.version == 3
+
+
+def test_a_section_set_to_null_is_absent(tiny_recipe):
+    moco = tiny_recipe({"objective.name": "moco", "objective.moco.queue_size": 64, "data.num_views": 2})
+    recipe = load_recipe(str(moco), ["objective.name=clip", "objective.moco=null"])
+    assert recipe.objective.name == "clip" and recipe.objective.moco is None
 
 
 def test_override_fills_an_empty_section(tmp_path, digits_root):
@@ -195,3 +227,12 @@ def test_cross_modal_queue_is_refused_for_objectives_without_one(tiny_recipe, ca
     code = main(["train", str(tiny_recipe({"objective.name": "siglip", "objective.cross_modal_queue": 64}))])
     assert code == 2
     assert "objective.cross_modal_queue" in capsys.readouterr().err
+
+
+def test_deprecated_flat_key_warns_on_one_line_from_the_command_line(tiny_recipe, run_mmcl):
+    done = run_mmcl(["train", tiny_recipe(), "objective.name=simclr", "data.num_views=2",
+                     "objective.temperature=0.3", "optim.lr=-1"])
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert lines == ["mmcl: warning: objective.temperature is deprecated and will be removed in mmcl 0.3; write "
+                     "objective.simclr.temperature", "mmcl: error: optim.lr: must be > 0, got -1.0"]

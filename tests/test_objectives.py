@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from lightly.loss import NTXentLoss as LightlyNTXentLoss
 
-from mmcl.config import ModelConfig, ObjectiveConfig, Recipe
+from mmcl.config import ConfigError, ModelConfig, ObjectiveConfig, Recipe, prepare_objective
+from mmcl.objective_options import SECTION_TYPES
 from mmcl.losses import ClipLoss, NTXentLoss
 from mmcl.models import build_model
 from mmcl.objectives import REGISTRY, build_objective
@@ -28,14 +29,16 @@ TINY = {"embed_dim": 16,
 CLOSE = dict(atol=1e-5, rtol=1e-5)
 
 
-def tiny_recipe(name: str, ssl_head=(32, 16), **objective) -> Recipe:
+def tiny_recipe(name: str, ssl_head=(32, 16), **sections) -> Recipe:
+    """A recipe for objective `name`; `sections` are option sections, e.g. moco={"queue_size": 10}."""
+    options = {section: SECTION_TYPES[section](**values) for section, values in sections.items()}
     return Recipe(model=ModelConfig(config=TINY, ssl_head=list(ssl_head)),
-                  objective=ObjectiveConfig(name=name, **objective))
+                  objective=ObjectiveConfig(name=name, **options))
 
 
-def make(name: str, ssl_head=(32, 16), **objective):
+def make(name: str, ssl_head=(32, 16), **sections):
     torch.manual_seed(0)
-    recipe = tiny_recipe(name, ssl_head, **objective)
+    recipe = tiny_recipe(name, ssl_head, **sections)
     model, _ = build_model(recipe.model)
     return build_objective(recipe, model)
 
@@ -55,14 +58,14 @@ def test_registry_and_data_flags():
     assert {"simclr", "moco", "slip"} <= set(REGISTRY)
     flags = {name: (o.uses_text, o.uses_image, o.uses_views)
              for name, o in (("simclr", make("simclr")), ("moco", make("moco")), ("slip", make("slip")),
-                             ("xqueue", make("clip", cross_modal_queue=8)))}
+                             ("xqueue", make("clip", clip={"cross_modal_queue": 8})))}
     assert flags == {"simclr": (False, False, True), "moco": (False, False, True), "slip": (True, True, True),
                      "xqueue": (True, True, False)}
 
 
 @pytest.mark.parametrize("version", [2, 3])
 def test_image_only_objectives_train_the_image_tower_and_heads_only(version):
-    simclr, moco = make("simclr"), make("moco", moco_version=version)
+    simclr, moco = make("simclr"), make("moco", moco={"version": version})
     for objective, heads in ((simclr, ("head.",)), (moco, ("head.", "predictor."))):
         names = trainable_names(objective)
         assert names and all(n.startswith(("model.visual.",) + heads) for n in names)
@@ -74,7 +77,7 @@ def test_image_only_objectives_train_the_image_tower_and_heads_only(version):
 
 
 def test_simclr_objective_matches_lightly_ntxent():
-    objective = make("simclr", temperature=0.3)
+    objective = make("simclr", simclr={"temperature": 0.3})
     features = objective.encode(make_batch())
     ours = objective.losses(features)
     reference = LightlyNTXentLoss(temperature=0.3)(features["z0"], features["z1"])
@@ -89,7 +92,7 @@ def test_simclr_objective_matches_lightly_ntxent():
 
 def test_simclr_objective_with_memory_bank_matches_lightly_over_steps():
     torch.manual_seed(0)
-    recipe = tiny_recipe("simclr", temperature=0.2)
+    recipe = tiny_recipe("simclr", simclr={"temperature": 0.2})
     objective = SimCLRObjective(build_model(recipe.model)[0], recipe, memory_bank_size=12)
     reference = LightlyNTXentLoss(temperature=0.2, memory_bank_size=(12, 16))
     objective.loss_fn.queue.copy_(reference.memory_bank.bank)
@@ -104,7 +107,7 @@ def test_simclr_objective_with_memory_bank_matches_lightly_over_steps():
 
 
 def test_moco_ema_update_follows_the_formula():
-    objective = make("moco", momentum=0.9)
+    objective = make("moco", moco={"momentum": 0.9})
     key_before = [p.clone() for p in objective.key_visual.parameters()]
     with torch.no_grad():  # the query encoder moved (as after an optimizer step)
         for p in objective.model.visual.parameters():
@@ -117,7 +120,7 @@ def test_moco_ema_update_follows_the_formula():
 
 
 def test_moco_cosine_momentum_schedule():
-    objective = make("moco", momentum=0.99, momentum_cosine=True)
+    objective = make("moco", moco={"momentum": 0.99, "momentum_cosine": True})
     seen = []
     for step in (0, 50, 100):
         objective.before_step(step, 100)
@@ -133,7 +136,7 @@ def test_moco_cosine_momentum_schedule():
 
 
 def test_moco_v2_loss_and_queue():
-    objective = make("moco", temperature=0.2, queue_size=10)
+    objective = make("moco", moco={"temperature": 0.2, "queue_size": 10})
     features = objective.encode(make_batch())
     queue = objective.loss_fn.queue.clone()
     q0, q1, k0, k1 = (F.normalize(features[n], dim=1) for n in ("q0", "q1", "k0", "k1"))
@@ -154,7 +157,7 @@ def test_moco_v2_loss_and_queue():
 
 
 def test_moco_v3_loss_predictor_and_no_queue():
-    objective = make("moco", moco_version=3, temperature=0.2)
+    objective = make("moco", moco={"version": 3, "temperature": 0.2})
     assert isinstance(objective.head[-1], torch.nn.BatchNorm1d) and not objective.head[-1].affine
     assert not any("queue" in name for name in objective.state_dict())
     features = objective.encode(make_batch())
@@ -173,7 +176,7 @@ def test_moco_gradients_reach_queries_not_keys():
 
 
 def test_slip_is_the_weighted_sum_of_clip_and_simclr():
-    objective = make("slip", clip_weight=0.7, ssl_weight=0.4, temperature=0.1)
+    objective = make("slip", slip={"clip_weight": 0.7, "ssl_weight": 0.4}, simclr={"temperature": 0.1})
     features = objective.encode(make_batch())
     losses = objective.losses(features)
     clip = ClipLoss()(features["image"], features["text"], objective.model.logit_scale.exp())
@@ -187,7 +190,7 @@ def test_slip_is_the_weighted_sum_of_clip_and_simclr():
 
 
 def test_cross_modal_queue_matches_explicit_formula_and_enqueues():
-    objective = make("clip", cross_modal_queue=10)
+    objective = make("clip", clip={"cross_modal_queue": 10})
     features = objective.encode(make_batch())
     image_queue, text_queue = objective.image_queue.clone(), objective.text_queue.clone()
     image, text = F.normalize(features["image"], dim=1), F.normalize(features["text"], dim=1)
@@ -204,14 +207,14 @@ def test_cross_modal_queue_matches_explicit_formula_and_enqueues():
 
 
 def test_cross_modal_queue_is_a_clip_option_only():
-    with pytest.raises(ValueError, match="cross_modal_queue"):
-        make("simclr", cross_modal_queue=8)
+    with pytest.raises(ConfigError, match="objective.clip: options of objective clip, but objective.name is simclr"):
+        prepare_objective({"objective": {"name": "simclr", "clip": {"cross_modal_queue": 8}}}, overriding=True)
 
 
 # Feature-cache accumulation: heads without BatchNorm (ssl_head of one layer), since BN statistics over a
 # micro-batch differ from those over the whole batch by construction.
-@pytest.mark.parametrize("name,options", [("simclr", {}), ("moco", {"queue_size": 16}), ("slip", {}),
-                                          ("clip", {"cross_modal_queue": 16})])
+@pytest.mark.parametrize("name,options", [("simclr", {}), ("moco", {"moco": {"queue_size": 16}}), ("slip", {}),
+                                          ("clip", {"clip": {"cross_modal_queue": 16}})])
 def test_feature_cache_accumulation_equals_plain_backward(name, options):
     plain = make(name, ssl_head=(16,), **options)
     cached = copy.deepcopy(plain)

@@ -102,7 +102,7 @@ def final_state(run_dir: str) -> dict:
 
 @pytest.mark.slow
 def test_moco_queue_and_key_encoder_survive_resume(tmp_path, digits_root):
-    common = ["objective.queue_size=96", "optim.schedule=constant", "optim.warmup_steps=0",
+    common = ["objective.moco.queue_size=96", "optim.schedule=constant", "optim.warmup_steps=0",
               "train.batch_size=32", "train.save_every=2"]
     straight = digits_recipe(tmp_path / "a", digits_root, "moco", common + ["train.max_steps=4"])
     train(straight)

@@ -26,8 +26,6 @@ def build_objective(recipe: Recipe, model: nn.Module) -> Objective:
     name = recipe.objective.name
     if name not in REGISTRY:
         raise ValueError(f"objective.name: {name} is not available (have: {', '.join(sorted(REGISTRY))})")
-    if recipe.objective.cross_modal_queue:  # an option of CLIP, not an objective of its own
-        if name != "clip":
-            raise ValueError(f"objective.cross_modal_queue: only objective.name=clip has it, not {name}")
+    if name == "clip" and recipe.objective.section("clip").cross_modal_queue:  # an option of CLIP
         return ClipQueueObjective(model, recipe)
     return REGISTRY[name](model, recipe)

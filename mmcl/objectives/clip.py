@@ -19,9 +19,9 @@ class ClipObjective(Objective):
 
     def __init__(self, model, recipe: Recipe):
         super().__init__(model)
-        cfg = recipe.objective
-        self.loss_fn = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
-                                chunk_size=cfg.chunk_size)
+        opts = recipe.objective.section("clip")
+        self.loss_fn = ClipLoss(local_loss=opts.local_loss, gather_with_grad=opts.gather_with_grad,
+                                chunk_size=recipe.objective.chunk_size)
 
     def encode(self, batch: dict) -> Features:
         return {"image": self.model.encode_image(batch["image"], normalize=True),
@@ -48,7 +48,7 @@ class SigLipObjective(ClipObjective):
         Objective.__init__(self, model)
         if getattr(model, "logit_bias", None) is None:
             raise ValueError("objective.name=siglip needs a model built with a logit bias")
-        self.loss_fn = SigLipLoss()
+        self.loss_fn = SigLipLoss(dist_impl=recipe.objective.section("siglip").dist_impl)
 
     def losses(self, features: Features) -> Dict[str, torch.Tensor]:
         loss = self.loss_fn(features["image"], features["text"], self.model.logit_scale.exp(), self.model.logit_bias)

@@ -1,11 +1,11 @@
 """MoCo v2 (Chen et al. 2020) and MoCo v3 (Chen, Xie, He 2021) over the open_clip image tower.
 
 Both keep a momentum (EMA) copy of the image tower and projection head as the key encoder; it is never in
-the optimizer and moves only in `before_step`, by `objective.momentum` (default 0.99), annealed to 1 along a
-half cosine when `objective.momentum_cosine` is set.
+the optimizer and moves only in `before_step`, by `objective.moco.momentum` (default 0.99), annealed to 1
+along a half cosine when `objective.moco.momentum_cosine` is set.
 
 - v2: each query's positive is the key of the other view of its image, its negatives a queue of past keys
-  (`MoCoLoss`, `objective.queue_size`, default 4096; 65,536 at ImageNet scale). The loss is symmetrised over
+  (`MoCoLoss`, `objective.moco.queue_size`, default 4096; 65,536 at ImageNet scale). The loss is symmetrised over
   the two views (as MoCo v3's paper and lightly's benchmarks do) and the keys of one view per step, gathered
   from every process, are enqueued. The queue is a buffer, so checkpoints carry it.
 - v3: no queue; a predictor head on the queries, a projector ending in BatchNorm, and the symmetric loss
@@ -28,23 +28,23 @@ from mmcl.objectives.simclr import ViewObjective, sync_batchnorm_
 
 
 class MoCoObjective(ViewObjective):
-    """MoCo v2 or v3 (`objective.moco_version`) on the first two views of each image.
+    """MoCo v2 or v3 (`objective.moco.version`) on the first two views of each image.
 
-    Recipe fields: `objective.temperature` (default 0.1; MoCo v2 uses 0.2, v3 0.2 for ViTs),
-    `objective.queue_size` (v2), `objective.momentum`, `objective.momentum_cosine`, `model.ssl_head`
+    Recipe fields (`objective.moco`): `temperature` (default 0.1; MoCo v2 uses 0.2, v3 0.2 for ViTs),
+    `queue_size` (v2), `momentum`, `momentum_cosine`; `objective.chunk_size`; `model.ssl_head`
     (projector sizes; the v3 predictor is `[ssl_head[0], ssl_head[-1]]`).
     """
 
     def __init__(self, model: nn.Module, recipe: Recipe):
-        cfg = recipe.objective
-        super().__init__(model, recipe, last_bn=cfg.moco_version == 3)
-        self.version = cfg.moco_version
+        cfg = recipe.objective.section("moco")
+        super().__init__(model, recipe, last_bn=cfg.version == 3)
+        self.version, chunk_size = cfg.version, recipe.objective.chunk_size
         out_dim, dims = self.head.out_dim, recipe.model.ssl_head
         if self.version == 3:
             self.predictor = ProjectionHead(out_dim, [dims[0], out_dim] if len(dims) > 1 else [out_dim])
-            self.loss_fn = MoCoV3Loss(cfg.temperature, chunk_size=cfg.chunk_size)
+            self.loss_fn = MoCoV3Loss(cfg.temperature, chunk_size=chunk_size)
         else:
-            self.loss_fn = MoCoLoss(cfg.temperature, cfg.queue_size, out_dim, chunk_size=cfg.chunk_size)
+            self.loss_fn = MoCoLoss(cfg.temperature, cfg.queue_size, out_dim, chunk_size=chunk_size)
         self.key_visual = momentum_copy(model.visual)
         self.key_head = momentum_copy(self.head)
         self.base_momentum, self.momentum_cosine = cfg.momentum, cfg.momentum_cosine

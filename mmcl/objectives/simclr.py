@@ -87,16 +87,16 @@ class SimCLRObjective(ViewObjective):
     """NT-Xent between the projections of every pair of views (SimCLR uses two), averaged over pairs.
 
     Args:
-        recipe: `objective.temperature` (default 0.1; SimCLR uses 0.1-0.5), `objective.chunk_size`.
+        recipe: `objective.simclr.temperature` (default 0.1; SimCLR uses 0.1-0.5), `objective.chunk_size`.
         memory_bank_size: 0 (default, in-batch negatives as in SimCLR) or a number of past projections kept
             as negatives (lightly's NTXentLoss memory bank). Python API only; recipes keep SimCLR's setting.
     """
 
     def __init__(self, model: nn.Module, recipe: Recipe, memory_bank_size: int = 0):
         super().__init__(model, recipe)
-        cfg = recipe.objective
+        temperature = recipe.objective.section("simclr").temperature
         bank = (memory_bank_size, self.head.out_dim) if memory_bank_size else 0
-        self.loss_fn = NTXentLoss(cfg.temperature, bank, gather_distributed=True, chunk_size=cfg.chunk_size)
+        self.loss_fn = NTXentLoss(temperature, bank, gather_distributed=True, chunk_size=recipe.objective.chunk_size)
         self.num_views = recipe.data.num_views
         sync_batchnorm_(self)
 

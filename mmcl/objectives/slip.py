@@ -3,7 +3,8 @@
 One image tower serves both: the CLIP image embedding is `encode_image(image)` and the SimCLR projections
 are `head(encode_image(view))`, one tower forward per view (three per step: the CLIP image and two views).
 The total is `clip_weight * CLIP + ssl_weight * NT-Xent` (defaults 1 and 1, SLIP's). SLIP's NT-Xent uses
-temperature 0.1 (`objective.temperature`); CLIP keeps its learnable temperature.
+temperature 0.1 (`objective.simclr.temperature`); CLIP keeps its learnable temperature. The weights are
+`objective.slip.clip_weight` and `objective.slip.ssl_weight`; CLIP's own options are read from `objective.clip`.
 """
 from __future__ import annotations
 
@@ -29,9 +30,10 @@ class SlipObjective(ClipObjective):
         if recipe.data.num_views < 2:
             raise ValueError(f"data.num_views: slip needs at least 2 views, got {recipe.data.num_views}")
         super().__init__(model, recipe)
-        cfg = recipe.objective
+        cfg = recipe.objective.section("slip")
         self.head = ProjectionHead(image_embed_dim(model), recipe.model.ssl_head)
-        self.ssl_loss = NTXentLoss(cfg.temperature, gather_distributed=True, chunk_size=cfg.chunk_size)
+        self.ssl_loss = NTXentLoss(recipe.objective.section("simclr").temperature, gather_distributed=True,
+                                   chunk_size=recipe.objective.chunk_size)
         self.clip_weight, self.ssl_weight = cfg.clip_weight, cfg.ssl_weight
         sync_batchnorm_(self)
 

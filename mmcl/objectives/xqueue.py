@@ -1,4 +1,4 @@
-"""CLIP with cross-modal queues (`objective.cross_modal_queue: N`), so small batches see many negatives.
+"""CLIP with cross-modal queues (`objective.clip.cross_modal_queue: N`), so small batches see many negatives.
 
 MoCo-style, as ALBEF does it: a momentum (EMA) copy of the whole open_clip model encodes keys; each image
 query is scored against the key texts of the global batch followed by a queue of N past key texts, and each
@@ -6,7 +6,7 @@ text query against the key images and a queue of N past key images. The positive
 own pair, and the temperature is CLIP's learnable one. After the loss, the gathered keys are enqueued
 (identically on every process). Keys come from the slowly moving copy, not from the live towers, so the
 queue stays consistent with the current batch (MoCo's argument); the copy moves in `before_step` by
-`objective.momentum` (default 0.99, cosine to 1 with `objective.momentum_cosine`).
+`objective.clip.momentum` (default 0.99, cosine to 1 with `objective.clip.momentum_cosine`).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class ClipQueueObjective(ClipObjective):
 
     def __init__(self, model: nn.Module, recipe: Recipe):
         super().__init__(model, recipe)
-        cfg = recipe.objective
+        cfg = recipe.objective.section("clip")
         size, dim = cfg.cross_modal_queue, image_embed_dim(model)
         self.key_model = momentum_copy(model)
         for name in ("image", "text"):
@@ -42,7 +42,7 @@ class ClipQueueObjective(ClipObjective):
             self.register_buffer(f"{name}_queue_ptr", torch.zeros(1, dtype=torch.long))
         self.base_momentum, self.momentum_cosine = cfg.momentum, cfg.momentum_cosine
         self.momentum = cfg.momentum
-        self.chunk_size = cfg.chunk_size
+        self.chunk_size = recipe.objective.chunk_size
 
     def encode(self, batch: dict) -> Features:
         features = super().encode(batch)

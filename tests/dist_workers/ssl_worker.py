@@ -21,6 +21,7 @@ import sys
 import torch
 
 from mmcl.config import ModelConfig, ObjectiveConfig, Recipe
+from mmcl.objective_options import ClipOptions, MoCoOptions, SimCLROptions, SlipOptions
 from mmcl.distributed import all_reduce_mean_, get_rank
 from mmcl.models import build_model
 from mmcl.objectives import build_objective
@@ -37,11 +38,11 @@ TINY = {"embed_dim": 16,
 
 # name -> (objective options, head sizes, BatchNorm in eval mode)
 CASES = {
-    "simclr": ({"name": "simclr", "temperature": 0.2}, [16], False),
-    "moco_v2": ({"name": "moco", "queue_size": 12, "momentum": 0.9}, [16], False),
-    "moco_v3": ({"name": "moco", "moco_version": 3, "momentum": 0.9}, [32, 16], True),
-    "slip": ({"name": "slip", "ssl_weight": 0.5}, [16], False),
-    "clip_xqueue": ({"name": "clip", "cross_modal_queue": 12, "momentum": 0.9}, [16], False),
+    "simclr": ({"name": "simclr", "simclr": SimCLROptions(temperature=0.2)}, [16], False),
+    "moco_v2": ({"name": "moco", "moco": MoCoOptions(queue_size=12, momentum=0.9)}, [16], False),
+    "moco_v3": ({"name": "moco", "moco": MoCoOptions(version=3, momentum=0.9)}, [32, 16], True),
+    "slip": ({"name": "slip", "slip": SlipOptions(ssl_weight=0.5)}, [16], False),
+    "clip_xqueue": ({"name": "clip", "clip": ClipOptions(cross_modal_queue=12, momentum=0.9)}, [16], False),
 }
 
 
