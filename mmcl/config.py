@@ -28,7 +28,7 @@ class ModelConfig:
 
     arch: Optional[str] = None  # e.g. "ViT-B-32" (open_clip built-in)
     config: Optional[Dict[str, Any]] = None  # {"embed_dim", "vision_cfg", "text_cfg", ...} as in open_clip
-    pretrained: Optional[str] = None  # local file with whole-model weights (.safetensors or .pt/.bin)
+    pretrained: Optional[str] = None  # whole-model weights: a local file, an open_clip tag of `arch`, or hf-hub:ORG/REPO
     image_weights: Optional[str] = None  # local file with image-tower weights only
     text_weights: Optional[str] = None
     lock_image: bool = False  # LiT: freeze the image tower
@@ -111,6 +111,9 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps (loss or gradients) before the run stops
     dist_timeout_s: int = 600  # a collective waiting this long on a hung or dead process fails the run
     progress: bool = True
+    log_with: List[str] = field(default_factory=lambda: ["tensorboard"])  # Accelerate trackers; [] for JSONL only
+    tracker_project: str = "mmcl"  # the project name the trackers file the run under
+    tracker_kwargs: Dict[str, Any] = field(default_factory=dict)  # per tracker: {"wandb": {"entity": ...}}
 
 
 @dataclass

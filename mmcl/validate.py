@@ -26,7 +26,14 @@ def check_model(recipe: Recipe) -> None:
             if key not in m.config:
                 raise ConfigError(f"model.config.{key}: missing (open_clip model configs need it)")
         check_model_config(m.config)
-    for key in ("pretrained", "image_weights", "text_weights"):
+    if m.pretrained is not None:
+        from mmcl.models.hub import PretrainedNotFound, resolve
+
+        try:  # a tag or hf-hub name is fetched (or found in the cache) now, before any work
+            resolve(m.arch, m.pretrained)
+        except PretrainedNotFound as err:
+            raise ConfigError(str(err)) from None
+    for key in ("image_weights", "text_weights"):
         path = getattr(m, key)
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"model.{key}: file not found: {path} (weights must be local; nothing downloads)")
@@ -113,6 +120,12 @@ def check_train(recipe: Recipe) -> None:
     if t.resume not in ("auto", "none") and not Path(t.resume).is_dir():
         raise ConfigError(f"train.resume: must be auto, none or a checkpoint directory; not found: {t.resume}")
     check_output_dir(t.output_dir)
+    from mmcl.train.trackers import check_trackers
+
+    check_trackers(t.log_with)
+    for name in t.tracker_kwargs:
+        if name not in t.log_with:
+            raise ConfigError(f"train.tracker_kwargs.{name}: {name} is not in train.log_with {t.log_with}")
 
 
 def check_output_dir(path: str) -> None:

@@ -51,7 +51,7 @@ BAD_RECIPES = [
     ("arch-and-config", {"model.arch": "ViT-B-32"}, "model: give exactly one of model.arch"),
     ("neither-arch-nor-config", {"model.config": DELETE}, "model: give exactly one of model.arch"),
     ("missing-embed-dim", {"model.config.embed_dim": DELETE}, "model.config.embed_dim: missing"),
-    ("weights-file-missing", {"model.pretrained": "{tmp}/missing.safetensors"}, "model.pretrained: file not found"),
+    ("weights-file-missing", {"model.pretrained": "{tmp}/missing.safetensors"}, "model.pretrained: weights file not found"),
     ("eval-dataset-missing", {"eval.datasets": ["{tmp}/no_eval_data"]}, "eval.datasets[0]: no split folder"),
     ("output-dir-under-a-file", {"train.output_dir": "{tmp}/a_file/run"}, "train.output_dir:"),
     ("resume-folder-missing", {"train.resume": "{tmp}/no_checkpoint"}, "train.resume:"),

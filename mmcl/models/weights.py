@@ -5,10 +5,12 @@ A pickle checkpoint can carry code that runs on load. mmcl writes safetensors an
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Dict
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -34,6 +36,23 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UnsafeCheckpointError(f"{path}: expected a mapping of names to tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_open_clip_checkpoint(model: nn.Module, path: str) -> None:
+    """open_clip's own checkpoint loader (it converts older layouts), refusing anything but plain tensors."""
+    import open_clip
+
+    try:
+        open_clip.load_checkpoint(model, path, strict=True, weights_only=True)
+    except (pickle.UnpicklingError, SafetensorError) as err:  # weights_only refuses code payloads
+        raise UnsafeCheckpointError(f"{path}: refused, not a plain tensor checkpoint ({first_line(err)})") from None
+    except RuntimeError as err:  # load_state_dict's key and shape mismatches
+        raise ValueError(f"{path}: weights do not match the model ({first_line(err)})") from None
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load_into(module: nn.Module, path: str, strict: bool = True) -> None:

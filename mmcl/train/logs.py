@@ -1,4 +1,4 @@
-"""Training logs: JSONL metrics (the source of truth), TensorBoard, and a progress bar on the main process."""
+"""Training logs: JSONL metrics (the source of truth), the experiment trackers, a progress bar (main process)."""
 from __future__ import annotations
 
 import json
@@ -8,24 +8,22 @@ from typing import Dict, Optional
 
 from tqdm import tqdm
 
+from mmcl.train.trackers import scalars
+
 
 class RunLog:
-    """Appends metric records to RUN/metrics.jsonl and mirrors scalars to TensorBoard (main process only)."""
+    """Appends metric records to RUN/metrics.jsonl and mirrors their numbers to the experiment trackers
+    (`tracker`: an Accelerator whose trackers were started, see mmcl.train.trackers; None for none)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, progress: bool):
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, progress: bool,
+                 tracker=None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.tb = None
+        self.tracker = tracker if enabled else None
         self.bar = None
         if not enabled:
             return
         keep_until(self.path, start_step)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1)
-        except ImportError:  # tensorboard is optional at run time; JSONL always works
-            self.tb = None
         if progress:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
@@ -35,11 +33,8 @@ class RunLog:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(clean) + "\n")
-        if self.tb is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tb.add_scalar(key, value, step)
+        if self.tracker is not None:
+            self.tracker.log(scalars(clean), step=record["step"])
 
     def progress(self, steps: int, postfix: Optional[Dict[str, str]] = None) -> None:
         if self.bar is not None:
@@ -50,8 +45,9 @@ class RunLog:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        if self.tracker is not None:
+            self.tracker.end_training()
+            self.tracker = None
 
 
 def keep_until(path: Path, step: int) -> None:

@@ -12,6 +12,7 @@ from mmcl.config import Recipe
 from mmcl.models import factory
 from mmcl.train import setup as S
 from mmcl.train import step as T
+from mmcl.train import trackers
 from mmcl.train.checkpoint import CheckpointWriteError, set_rng_state
 from mmcl.train.finish import evaluate, finish
 from mmcl.train.logs import RunLog
@@ -94,7 +95,9 @@ def start(recipe: Recipe):
     if resume_from is not None:
         state, rng = S.restore(resume_from, objective, optimizer, scheduler, accelerator)
     spec = S.sample_spec(recipe, objective, model_cfg, factory.make_tokenizer(model_cfg))
-    log = RunLog(run_dir, accelerator.is_main_process, plan.total_steps, state.step, recipe.train.progress)
+    trackers.start(accelerator, recipe, state.step)
+    log = RunLog(run_dir, accelerator.is_main_process, plan.total_steps, state.step, recipe.train.progress,
+                 tracker=accelerator if recipe.train.log_with else None)
     return Run(recipe, accelerator, objective, model_cfg, optimizer, scheduler, plan, spec, state, log, run_dir), rng
 
 

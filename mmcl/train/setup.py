@@ -20,7 +20,7 @@ from mmcl import runs
 from mmcl.config import ConfigError, Recipe, dump_recipe
 from mmcl.models import factory
 from mmcl.objectives import Objective, build_objective, model_init_kwargs
-from mmcl.train import checkpoint
+from mmcl.train import checkpoint, trackers
 from mmcl.train.optim import make_optimizer, make_scheduler
 
 
@@ -50,7 +50,8 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision]
     # torch's default process-group timeout is 30 minutes: a dead or hung peer would stall the others that long
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=recipe.train.dist_timeout_s))
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, kwargs_handlers=[timeout])
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, kwargs_handlers=[timeout],
+                       **trackers.accelerator_kwargs(recipe))
 
 
 def plan_data(recipe: Recipe, world: int) -> DataPlan:
