@@ -81,6 +81,27 @@ def digits_root(tmp_path_factory) -> str:
     return str(root)
 
 
+E2E_STEPS, E2E_SAVE_EVERY, E2E_KEEP = 300, 100, 2
+E2E_OVERRIDES = [f"train.max_steps={E2E_STEPS}", "train.epochs=10", "train.batch_size=64", "optim.lr=2e-3",
+                 "optim.warmup_steps=15", "train.log_every=10", f"train.save_every={E2E_SAVE_EVERY}",
+                 f"train.keep_last={E2E_KEEP}", "data.workers=1"]
+
+
+@pytest.fixture(scope="session")
+def trained_digits_run(tmp_path_factory, digits_root) -> Path:
+    """`mmcl train` of the tiny CLIP on the digits (4000 images, ~5 epochs) with the trainer's own final zero-shot
+    evaluation: trained once a session, read (never changed) by the training and the search tests."""
+    folder = tmp_path_factory.mktemp("e2e")
+    tree = tiny_tree(digits_root, folder / "run")
+    tree["eval"] = {"datasets": [digits_root], "split": "test"}
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    command = [sys.executable, "-m", "mmcl", "train", str(recipe)] + E2E_OVERRIDES
+    done = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder / "run"
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path, digits_root) -> Callable[..., Path]:
     """`tiny_recipe({"train.max_steps": 10, "data.workers": DELETE}, name=...)` -> path of a YAML recipe.

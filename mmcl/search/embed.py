@@ -138,10 +138,11 @@ def start_or_resume(emb: Path, plan: dict) -> List[int]:
     or anything else is refused, so nothing is mixed or overwritten."""
     if (emb / store.EMBED_FILE).exists():
         old = store.read_json(emb / store.EMBED_FILE, "embedding folder")
-        for key in ("model", "shards", "part_shards", "dtype"):
+        for key, what in (("model", "model"), ("shards", "set of shards"), ("part_shards", "--part-shards"),
+                          ("dtype", "--dtype")):
             if old.get(key) != plan[key]:
-                raise ValueError(f"{emb} holds embeddings made with another {key} ({str(old.get(key))[:80]}); "
-                                 "use a new --out folder")
+                raise ValueError(f"{emb} already holds embeddings with a different {what} "
+                                 f"({str(old.get(key))[:80]}); use a new --out folder")
         return store.done_parts(emb, plan["parts"])
     if emb.exists() and any(emb.iterdir()):
         raise ValueError(f"--out {emb} is not empty and holds no mmcl embeddings; use a new folder")
