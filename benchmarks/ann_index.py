@@ -165,8 +165,8 @@ def run_set(name: str, vectors: np.ndarray, tuning: dict, queries: dict, budgets
 
 # ---- the two sets ---------------------------------------------------------------------------------------
 
-def synthetic(quick: bool) -> dict:
-    n = 100_000 if quick else 1_000_000
+def synthetic(quick: bool, n: int = 1_000_000) -> dict:
+    n = min(n, 100_000) if quick else n
     say(f"synthetic: {n} clustered vectors")
     vectors, queries = clustered(n, seed=0), clustered(2000, seed=1)
     budgets = {"2GB": ["mmcl", "autofaiss"], "512MB": ["mmcl"]}
@@ -218,6 +218,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=("synthetic", "real"), default=["real", "synthetic"])
     parser.add_argument("--quick", action="store_true", help="100k synthetic vectors, one build each")
+    parser.add_argument("--synthetic-n", type=int, default=1_000_000, help="synthetic vectors (default 1M)")
     parser.add_argument("--child", nargs=6, metavar="ARG", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -228,7 +229,8 @@ def main() -> None:
     results = {"machine": machine_info(), "command": " ".join(sys.argv), "sets": earlier.get("sets", {})}
     for name in args.only:  # a set run alone replaces only its own entry
         start = time.perf_counter()
-        results["sets"][name] = (synthetic if name == "synthetic" else real_embeddings)(args.quick)
+        run = (lambda q: synthetic(q, args.synthetic_n)) if name == "synthetic" else real_embeddings
+        results["sets"][name] = run(args.quick)
         results["sets"][name].update(seconds=round(time.perf_counter() - start, 1), machine=machine_info())
         write_json(out, results)
     print(table(results))

@@ -83,14 +83,13 @@ def create_app(searcher: Searcher):
     app = fastapi.FastAPI(title="mmcl search", docs_url=None, redoc_url=None, openapi_url=None)
     _add_handlers(app, fastapi)
     lock = threading.Lock()  # one query at a time through the model
-    k_query = Query(10, ge=1, le=MAX_K)
-    to_query = Query("image", pattern="^(image|text)$")
+    k_query, to_query = Query(10, ge=1, le=MAX_K), Query("image", pattern="^(image|text)$")
 
     def run(function, *args):
         with lock:
             try:
                 return function(*args)
-            except ValueError as err:
+            except ValueError as err:  # the query itself is bad (empty, does not decode, ...)
                 raise HTTPException(400, str(err)) from None
 
     @app.get("/")
