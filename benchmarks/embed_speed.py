@@ -102,7 +102,8 @@ def main() -> None:
     write_json("embed_speed.json", results)
     print("| model | mmcl embed images/s | eval reader images/s | ratio |\n|---|---:|---:|---:|")
     for name, row in results["models"].items():
-        print(f"| {name} | {row['mmcl embed']['median']:.0f} | {row['eval reader']['median']:.0f} | {row['ratio']:.2f} |")
+        ours, theirs = row["mmcl embed"]["median"], row["eval reader"]["median"]
+        print(f"| {name} | {ours:.0f} | {theirs:.0f} | {row['ratio']:.2f} |")
 
 
 if __name__ == "__main__":

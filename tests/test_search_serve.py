@@ -41,8 +41,9 @@ def label_of(searcher: Searcher, image_id: int) -> int:
 def server(digits_search_index):
     """`mmcl serve` on a free loopback port, for the module."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "mmcl", "serve", str(digits_search_index["exact"]), "--port", str(port)],
-                               cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "mmcl", "serve", str(digits_search_index["exact"]), "--port", str(port)]
+    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:

@@ -59,7 +59,8 @@ async def _read_upload(request, fastapi) -> bytes:
     HTTPException = fastapi.HTTPException
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind not in IMAGE_TYPES:
-        raise HTTPException(415, f"Content-Type {kind or '(none)'} is not accepted: send one of {', '.join(IMAGE_TYPES)}")
+        raise HTTPException(415, f"Content-Type {kind or '(none)'} is not accepted: send one of "
+                                 f"{', '.join(IMAGE_TYPES)}")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
         raise HTTPException(413, f"upload of {declared} bytes is larger than {MAX_UPLOAD_BYTES} bytes")
