@@ -68,9 +68,10 @@ def _read_block(stream: BinaryIO, size: int) -> bytes:
     return data[:size] if padded != size else data
 
 
-def tar_members(stream: BinaryIO) -> Iterator[Tuple[str, bytes]]:
-    """(name, payload) of every regular file in a tar stream, in order."""
-    long_name = None
+def tar_entries(stream: BinaryIO) -> Iterator[Tuple[int, str, bytes]]:
+    """(offset, name, payload) of every regular file in a tar stream, in order. `offset` is where the member's
+    first header starts (its GNU long-name or pax header, when it has one), counted from where `stream` was."""
+    long_name, start, pos = None, None, 0
     while True:
         header = stream.read(BLOCK)
         if not header or header.count(0) == BLOCK:  # end of archive (two zero blocks, or a bare end)
@@ -78,23 +79,36 @@ def tar_members(stream: BinaryIO) -> Iterator[Tuple[str, bytes]]:
         if len(header) < BLOCK:
             raise ValueError("truncated tar header")
         _check_header(header)
-        kind = header[156:157]
-        data = _read_block(stream, _octal(header[124:136]))
+        kind, size = header[156:157], _octal(header[124:136])
+        data = _read_block(stream, size)
+        start = pos if start is None else start
+        pos += BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK
         if kind in _REGULAR:
-            yield (long_name or _header_name(header)), data
-            long_name = None
+            yield start, (long_name or _header_name(header)), data
+            long_name, start = None, None
         elif kind == b"L":  # GNU long name of the next member
             long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         elif kind == b"x":  # pax header of the next member
             long_name = _pax_path(data) or long_name
         else:  # directories, links, global pax headers: nothing to read
-            long_name = None
+            long_name, start = None, None
+
+
+def tar_members(stream: BinaryIO) -> Iterator[Tuple[str, bytes]]:
+    """(name, payload) of every regular file in a tar stream, in order."""
+    for _, name, data in tar_entries(stream):
+        yield name, data
 
 
 def group_samples(members: Iterable[Tuple[str, bytes]], url: str) -> Iterator[dict]:
     """webdataset-style samples from consecutive members that share a key."""
+    return _group(((None, name, data) for name, data in members), url)
+
+
+def _group(entries: Iterable[Tuple[Optional[int], str, bytes]], url: str) -> Iterator[dict]:
+    """Samples from (offset, name, payload) entries; with offsets, `__offset__` is the first member's."""
     sample = None
-    for name, data in members:
+    for offset, name, data in entries:
         match = _KEY_EXT.match(name)
         if match is None:  # no extension: not part of any sample (webdataset skips these too)
             continue
@@ -103,21 +117,42 @@ def group_samples(members: Iterable[Tuple[str, bytes]], url: str) -> Iterator[di
             if sample is not None:
                 yield sample
             sample = {"__key__": key, "__url__": url}
+            if offset is not None:
+                sample["__offset__"] = offset
         sample[ext] = data
     if sample is not None:
         yield sample
 
 
-def _members_until_error(url: str, on_error: Callable[[Exception], None]) -> Iterator[Tuple[str, bytes]]:
+def _entries_until_error(url: str, on_error: Callable[[Exception], None]) -> Iterator[Tuple[int, str, bytes]]:
     try:
         with open(url, "rb", buffering=1 << 20) as stream:
-            yield from tar_members(stream)
+            yield from tar_entries(stream)
     except (OSError, ValueError) as err:
         on_error(err)
 
 
-def shard_samples(url: str, on_error: Callable[[Exception], None]) -> Iterator[dict]:
+def shard_samples(url: str, on_error: Callable[[Exception], None], offsets: bool = False) -> Iterator[dict]:
     """The samples of one local shard. An unreadable shard is reported to `on_error` once and the rest of it
     skipped; the samples read before the damage are kept (the last one may lack a file and be rejected
-    when decoded)."""
-    yield from group_samples(_members_until_error(url, on_error), url)
+    when decoded). With `offsets`, each sample carries `__offset__`: the byte offset of its first header
+    in the tar, from which `sample_at` reads it back."""
+    entries = _entries_until_error(url, on_error)
+    if not offsets:
+        entries = ((None, name, data) for _, name, data in entries)
+    yield from _group(entries, url)
+
+
+def sample_at(url: str, offset: int) -> dict:
+    """The one sample whose first header starts at byte `offset` of a local shard (reading stops at the
+    first member of the next sample).
+
+    Raises ValueError when no sample starts there (a wrong offset, or a damaged tar)."""
+    with open(url, "rb") as stream:
+        stream.seek(offset)
+        entries = ((offset + at, name, data) for at, name, data in tar_entries(stream))
+        for sample in _group(entries, url):
+            if sample["__offset__"] != offset:
+                break
+            return sample
+    raise ValueError(f"no sample starts at byte {offset} of {url}")

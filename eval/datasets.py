@@ -142,26 +142,33 @@ class SplitStream(IterableDataset):
     """Batches of one pass over `urls`: {"pixels", "labels" | "captions" (+ "tokens"), "count", "skipped"}.
 
     `pixels` are BatchPreprocess.sample's outputs stacked (BatchPreprocess.finish makes the model input).
+    With `meta`, batches also carry each sample's "keys", "urls" (its shard) and "offsets" (of its first tar
+    header); with `optional_captions`, a sample without `txt` keeps its image and gets no captions.
     Bad samples are skipped and counted by kind (data_pipelines.decode.KINDS); each batch carries the counts
     since the previous one, and a worker whose last samples were all bad sends one batch with count 0.
     """
 
     def __init__(self, urls: Sequence[str], pixels: BatchPreprocess, batch_size: int, labels: bool = False,
                  captions: bool = False, tokenizer: Optional[Callable] = None,
-                 max_pixels: int = decode.DEFAULT_MAX_PIXELS):
+                 max_pixels: int = decode.DEFAULT_MAX_PIXELS, meta: bool = False,
+                 optional_captions: bool = False):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         self.urls, self.pixels, self.batch_size = list(urls), pixels, batch_size
         self.labels, self.captions, self.max_pixels = labels, captions, max_pixels
         self.tokenizer = tokenizer  # when set, batches also carry "tokens" (all captions, in order)
+        self.meta, self.optional_captions = meta, optional_captions
 
     def make_item(self, raw: dict) -> dict:
         item = {}
         if self.labels:
             item["label"] = decode.sample_label(raw)
         if self.captions:
-            item["captions"] = decode.sample_captions(raw)
+            optional = self.optional_captions and "txt" not in raw
+            item["captions"] = [] if optional else decode.sample_captions(raw)
+        if self.meta:
+            item["key"], item["url"], item["offset"] = raw["__key__"], raw["__url__"], raw["__offset__"]
         item["pixels"] = self.pixels.sample(decode.sample_image(raw, self.max_pixels))
         return item
 
@@ -174,8 +181,11 @@ class SplitStream(IterableDataset):
             batch["labels"] = torch.tensor([item["label"] for item in items], dtype=torch.long)
         if self.captions:
             batch["captions"] = [item["captions"] for item in items]
-            if self.tokenizer is not None and items:
+            if self.tokenizer is not None and any(batch["captions"]):
                 batch["tokens"] = self.tokenizer([c for captions in batch["captions"] for c in captions])
+        if self.meta:
+            for name in ("key", "url", "offset"):
+                batch[name + "s"] = [item[name] for item in items]
         return batch
 
     def __iter__(self) -> Iterator[dict]:
@@ -183,7 +193,7 @@ class SplitStream(IterableDataset):
         urls = self.urls[info.id::info.num_workers] if info is not None else self.urls
         skipped, items = Counter(), []
         for url in urls:
-            for raw in shard_samples(url, lambda err: skipped.update(["read_error"])):
+            for raw in shard_samples(url, lambda err: skipped.update(["read_error"]), offsets=self.meta):
                 try:
                     items.append(self.make_item(raw))
                 except BadSample as bad:
@@ -271,7 +281,7 @@ def cut_batch(batch: dict, n: int) -> dict:
     out = dict(batch, count=n)
     if "tokens" in batch:
         out["tokens"] = batch["tokens"][:sum(len(c) for c in batch["captions"][:n])]
-    for key in ("pixels", "labels", "captions"):
+    for key in ("pixels", "labels", "captions", "keys", "urls", "offsets"):
         if key in batch:
             out[key] = batch[key][:n]
     return out

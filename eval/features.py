@@ -93,7 +93,7 @@ def _prepare_fn(pixels: BatchPreprocess, channels_last: bool) -> Callable[[dict]
 
 def _tokens(batch: dict, tokenizer: Optional[Callable]) -> Optional[torch.Tensor]:
     """The batch's caption tokens (made here when the loader did not make them); None without captions."""
-    if "captions" not in batch:
+    if not any(batch.get("captions", ())):
         return None
     if "tokens" in batch:
         return batch["tokens"]
@@ -130,9 +130,13 @@ class _Collector:
 
 def embed_batches(model: torch.nn.Module, batches: Iterator[dict], device: torch.device,
                   tokenizer: Optional[Callable] = None, amp: bool = False,
-                  progress: Optional[tqdm] = None) -> Features:
-    """Run the model over prepared batches ("images", optional "labels", "captions" / "tokens")."""
-    collector, start = _Collector(), time.perf_counter()
+                  progress: Optional[tqdm] = None, collector=None) -> Features:
+    """Run the model over prepared batches ("images", optional "labels", "captions" / "tokens").
+
+    `collector` receives each batch's embeddings (`add(batch, image, text)`, `skipped`, `features(seconds)`);
+    the default keeps them all in memory. A collector that writes them out bounds the memory.
+    """
+    collector, start = collector if collector is not None else _Collector(), time.perf_counter()
     with torch.inference_mode(), _autocast(device, amp):
         for batch in batches:
             collector.skipped.update(batch.get("skipped", {}))

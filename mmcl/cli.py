@@ -1,4 +1,4 @@
-"""`mmcl` command line: train | eval | data | export | quickstart.
+"""`mmcl` command line: train | eval | data | export | quickstart | embed | index | search | serve.
 
 Input problems (bad recipe, missing file, bad value) print one line `mmcl: error: ...` and exit with code 2
 before any work starts; a run that fails while training exits with code 1.
@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_quickstart)
     add_data_subcommands(sub)
+    from mmcl.search.cli import add_search_subcommands
+
+    add_search_subcommands(sub)
     try:
         from eval.cli import add_eval_subcommands
     except ImportError as err:  # pragma: no cover - only while the eval package is being developed

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -79,6 +80,55 @@ def digits_root(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("data") / "digits"
     build_digits(str(root))
     return str(root)
+
+
+E2E_STEPS, E2E_SAVE_EVERY, E2E_KEEP = 300, 100, 2
+E2E_OVERRIDES = [f"train.max_steps={E2E_STEPS}", "train.epochs=10", "train.batch_size=64", "optim.lr=2e-3",
+                 "optim.warmup_steps=15", "train.log_every=10", f"train.save_every={E2E_SAVE_EVERY}",
+                 f"train.keep_last={E2E_KEEP}", "data.workers=1"]
+
+
+@pytest.fixture(scope="session")
+def trained_digits_run(tmp_path_factory, digits_root) -> Path:
+    """`mmcl train` of the tiny CLIP on the digits (4000 images, ~5 epochs) with the trainer's own final zero-shot
+    evaluation: trained once a session, read (never changed) by the training and the search tests."""
+    folder = tmp_path_factory.mktemp("e2e")
+    tree = tiny_tree(digits_root, folder / "run")
+    tree["eval"] = {"datasets": [digits_root], "split": "test"}
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    command = [sys.executable, "-m", "mmcl", "train", str(recipe)] + E2E_OVERRIDES
+    done = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder / "run"
+
+
+def run_main(*args) -> subprocess.CompletedProcess:
+    """`mmcl ARGS` through mmcl's main() in this process (torch is imported once); output captured."""
+    import contextlib
+    import io
+
+    from mmcl.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def digits_search_index(tmp_path_factory, trained_digits_run, digits_root) -> dict:
+    """`mmcl embed` of the held-out digits by the trained run (float16 parts), an exact INDEX/ and an ANN one
+    (`--exact-below 0`), made through mmcl's main() in this process; used by the search tests."""
+    folder = tmp_path_factory.mktemp("search")
+    done = run_main("embed", "--model", trained_digits_run, "--data", digits_root, "--split", "test",
+                    "--out", folder / "emb", "--workers", "1", "--dtype", "float16", "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"embedded 1000 images and 5000 captions \(32-d, float16\)", done.stdout), done.stdout
+    for name, extra in (("exact", []), ("ann", ["--exact-below", "0"])):
+        done = run_main("index", "build", folder / "emb", "--out", folder / name, *extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return {"emb": folder / "emb", "exact": folder / "exact", "ann": folder / "ann", "run": trained_digits_run}
 
 
 @pytest.fixture

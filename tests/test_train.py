@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import eval as mmcl_eval
-from conftest import REPO, subprocess_env, tiny_tree
+from conftest import E2E_KEEP, E2E_SAVE_EVERY, E2E_STEPS
 from mmcl import runs
 from mmcl.config import load_recipe
 from mmcl.models import load_model
@@ -20,24 +17,11 @@ from mmcl.train import setup as S
 from mmcl.train import step as T
 from mmcl.train.logs import read_metrics
 
-E2E_STEPS, E2E_SAVE_EVERY, E2E_KEEP = 300, 100, 2
-E2E_OVERRIDES = [f"train.max_steps={E2E_STEPS}", "train.epochs=10", "train.batch_size=64", "optim.lr=2e-3",
-                 "optim.warmup_steps=15", "train.log_every=10", f"train.save_every={E2E_SAVE_EVERY}",
-                 f"train.keep_last={E2E_KEEP}", "data.workers=1"]
-
 
 @pytest.fixture(scope="module")
-def e2e_run(tmp_path_factory, digits_root) -> Path:
-    """`mmcl train` on the digits (4000 images, ~5 epochs), with the trainer's own final zero-shot evaluation."""
-    folder = tmp_path_factory.mktemp("e2e")
-    tree = tiny_tree(digits_root, folder / "run")
-    tree["eval"] = {"datasets": [digits_root], "split": "test"}
-    recipe = folder / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(tree))
-    command = [sys.executable, "-m", "mmcl", "train", str(recipe)] + E2E_OVERRIDES
-    done = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return folder / "run"
+def e2e_run(trained_digits_run) -> Path:
+    """`mmcl train` on the digits (conftest: shared with the search tests)."""
+    return trained_digits_run
 
 
 @pytest.mark.slow
