@@ -46,7 +46,11 @@ class RunLog:
         if self.bar is not None:
             self.bar.close()
         if self.tracker is not None:
-            self.tracker.end_training()
+            # Finish the trackers only: Accelerator.end_training would also destroy the process group, which
+            # the caller (a test, a notebook running several runs) may still use.
+            for tracker in self.tracker.trackers:
+                tracker.finish()
+            self.tracker.trackers = []
             self.tracker = None
 
 
