@@ -2,7 +2,8 @@
 
 `train.log_with` names Accelerate trackers; the trainer calls `accelerator.init_trackers` once with the run
 config (flattened to dotted keys, since TensorBoard's hparams take scalars only), `accelerator.log` for every
-record it also writes to metrics.jsonl (which stays the source of truth), and finishes the trackers (not `accelerator.end_training`, which would also end the process group).
+record it also writes to metrics.jsonl (which stays the source of truth), and finishes the trackers at the end
+(not `accelerator.end_training`, which would also end the process group).
 Local trackers write inside the run directory: TensorBoard to RUN/tb/, wandb's files to RUN/wandb/ (offline
 with `WANDB_MODE=offline`, no network needed).
 """
