@@ -14,9 +14,17 @@ from typing import List, Optional
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
+WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
 def one_line(err: Exception) -> str:
-    """Errors are reported on one line (set MMCL_DEBUG=1 for the traceback)."""
-    return " ".join(str(err).split()) or type(err).__name__
+    """Errors are reported on one line (set MMCL_DEBUG=1 for the traceback). An error raised in a DataLoader
+    worker arrives with the worker's traceback in its message: its last line holds the error itself."""
+    text = str(err)
+    if WORKER_TRACEBACK in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split()) or type(err).__name__
 
 
 def find_recipe(name: str) -> str:
@@ -32,9 +40,13 @@ def find_recipe(name: str) -> str:
 def cmd_train(args) -> int:
     from mmcl.config import load_recipe
     from mmcl.train import train
+    from mmcl.train.loop import dry_run
 
     recipe = load_recipe(find_recipe(args.recipe), args.overrides)
-    train(recipe)
+    if args.dry_run:
+        dry_run(recipe)
+    else:
+        train(recipe)
     return 0
 
 
@@ -62,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "Run under `accelerate launch -m mmcl train ...` or torchrun for several processes.")
     p.add_argument("recipe", help="recipe file, or a name from recipes/ (e.g. digits_clip_tiny)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 train.batch_size=128")
+    p.add_argument("--dry-run", action="store_true", help="validate the recipe and build everything the run "
+                   "needs (towers, optimizer, data plan, resume checkpoint), then stop; writes nothing")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("export", help="write an open_clip local-dir export of a run")
     p.add_argument("run_dir")
@@ -84,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Every known failure ends here as one line: bad input (exit 2), a run that cannot go on (exit 1)."""
+    from pickle import UnpicklingError
+
+    from data_pipelines.stream import NoUsableSamples
     from mmcl.config import ConfigError
     from mmcl.models.weights import UnsafeCheckpointError
     from mmcl.train.loop import TrainingError
@@ -91,12 +109,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, FileNotFoundError, UnsafeCheckpointError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, UnsafeCheckpointError, ValueError, UnpicklingError) as err:
         if os.environ.get("MMCL_DEBUG"):
             raise
         print(f"mmcl: error: {one_line(err)}", file=sys.stderr)
         return 2
-    except (TrainingError, OSError) as err:  # the run started but cannot go on (OSError: e.g. disk full)
+    # the run started but cannot go on (OSError: e.g. disk full; NoUsableSamples: no shard holds a usable sample)
+    except (TrainingError, OSError, NoUsableSamples) as err:
         if os.environ.get("MMCL_DEBUG"):
             raise
         print(f"mmcl: error: {one_line(err)}", file=sys.stderr)

@@ -200,7 +200,16 @@ def apply_override(tree: dict, assignment: str) -> None:
         node = node[key]
         if not isinstance(node, dict):
             raise ConfigError(f"{dotted}: {key} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{dotted}: {raw!r} is not a valid YAML value ({first_line(err)})") from None
+
+
+def first_line(err: Exception) -> str:
+    """The first non-empty line of an error message (yaml's and torch's run over many lines)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def load_tree(path: str) -> dict:
@@ -208,10 +217,9 @@ def load_tree(path: str) -> dict:
     if not file.is_file():
         raise ConfigError(f"recipe: file not found: {path}")
     try:
-        tree = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as err:
-        first = str(err).splitlines()[0]
-        raise ConfigError(f"recipe: {path} is not valid YAML ({first})") from None
+        tree = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"recipe: {path} is not valid YAML ({first_line(err)})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"recipe: {path} must hold a mapping of sections")
     return tree
@@ -234,4 +242,6 @@ def to_dict(recipe: Recipe) -> dict:
 
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    from mmcl.runs import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(to_dict(recipe), sort_keys=False))

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import open_clip
 from torch import nn
 
-from mmcl.config import ConfigError, ModelConfig
+from mmcl.config import ConfigError, ModelConfig, first_line
 from mmcl.models import weights
 from mmcl.models.attention import use_packed_attention
 
@@ -80,7 +80,12 @@ def build_model(cfg: ModelConfig, logit_bias: Optional[float] = None, logit_scal
         extra["init_logit_bias"] = logit_bias
     if logit_scale is not None:
         extra["init_logit_scale"] = logit_scale
-    model = instantiate(model_cfg, load_hf_weights=cfg.pretrained is None, **extra)
+    try:
+        model = instantiate(model_cfg, load_hf_weights=cfg.pretrained is None, **extra)
+    except Exception as err:  # the config reaches open_clip as written: what it cannot build, the recipe asked for
+        where = "model.arch" if cfg.arch is not None else "model.config"
+        raise ConfigError(f"{where}: open_clip cannot build these towers ({type(err).__name__}: "
+                          f"{first_line(err)})") from None
     if cfg.pretrained:
         weights.load_into(model, cfg.pretrained, strict=True)
     if cfg.image_weights:

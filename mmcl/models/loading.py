@@ -27,7 +27,7 @@ def load_run(run_dir: Path, checkpoint: Optional[Path] = None) -> Tuple[nn.Modul
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint under {run_dir / runs.CHECKPOINTS}")
     config = json.loads((run_dir / runs.MODEL_CONFIG).read_text())
     model = factory.instantiate(config["model_cfg"], load_hf_weights=False)
-    model.load_state_dict(run_towers_state(checkpoint), strict=True)
+    weights.load_state(model, run_towers_state(checkpoint), str(checkpoint / runs.WEIGHTS), strict=True)
     open_clip.set_model_preprocess_cfg(model, config["preprocess_cfg"])
     return model, factory.eval_preprocess(model), factory.make_tokenizer(config["model_cfg"])
 
@@ -36,11 +36,23 @@ def load_open_clip(name: str, weights_file: Optional[str]) -> Tuple[nn.Module, C
     """An open_clip built-in architecture (or `local-dir:`) with local weights; nothing downloads."""
     if weights_file is not None:
         weights.read_state_dict(weights_file)  # refuses anything but plain tensors before open_clip reads it
+    if name.startswith("local-dir:"):
+        check_export(Path(name[len("local-dir:"):]))
     if not name.startswith("local-dir:") and open_clip.get_model_config(name) is None:
         raise ValueError(f"unknown model {name!r}: not a run directory, a local-dir: export or an open_clip "
                          f"architecture (hub names are not fetched; download weights and pass NAME:FILE)")
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights_file)
     return model, preprocess, open_clip.get_tokenizer(name)
+
+
+def check_export(folder: Path) -> None:
+    """An open_clip `local-dir:` folder: its config is there, and every weights file open_clip may pick is
+    plain tensors (read here first, so a pickle payload is refused with the file's name and never runs)."""
+    if not (folder / "open_clip_config.json").is_file():
+        raise FileNotFoundError(f"no open_clip export in {folder} (open_clip_config.json missing)")
+    for pattern in ("*.safetensors", "*.bin", "*.pth"):
+        for path in sorted(folder.glob(pattern)):
+            weights.read_state_dict(str(path))
 
 
 def load_model(spec: str, device: str = "cpu") -> Tuple[nn.Module, Callable, Callable]:

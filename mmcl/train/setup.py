@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -162,10 +163,18 @@ def build(recipe: Recipe, accelerator: Accelerator):
 
 
 def write_run_files(recipe: Recipe, run_dir: Path, model: torch.nn.Module, model_cfg: dict) -> None:
+    """config.yaml and open_clip_config.json, each written whole or not at all; a run folder made here is
+    removed again if they cannot be written (disk full)."""
+    made = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_recipe(recipe, run_dir / runs.CONFIG)
-    config = {"model_cfg": model_cfg, "preprocess_cfg": factory.preprocess_cfg(model)}
-    (run_dir / runs.MODEL_CONFIG).write_text(json.dumps(config, indent=2))
+    try:
+        dump_recipe(recipe, run_dir / runs.CONFIG)
+        config = {"model_cfg": model_cfg, "preprocess_cfg": factory.preprocess_cfg(model)}
+        runs.write_text_atomic(run_dir / runs.MODEL_CONFIG, json.dumps(config, indent=2))
+    except OSError:
+        if made:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def resume_point(recipe: Recipe, run_dir: Path) -> Optional[Path]:
