@@ -115,6 +115,7 @@ class ShardStream(IterableDataset):
         resampled: draw shards with replacement (weights per shard) instead of passes over a shuffled list.
         repeat: cycle over the shards forever (training); False gives one pass (evaluation, tests).
         shuffle_buffer: samples held for shuffling; 0 keeps shard order.
+        partial: (one pass) end with a batch of the samples left over, possibly none, and the last skips.
         rank, world: process index and count; default from torch.distributed.
     """
 
@@ -185,6 +186,8 @@ class ShardStream(IterableDataset):
 
     def collate(self, samples: List[dict], counter: SkipCounter) -> dict:
         batch = {"skipped": counter.pop(), "key": [s["key"] for s in samples]}
+        if not samples:  # the end of a one-pass stream: only the skips since the last batch
+            return batch
         if "image" in samples[0]:
             batch["image"] = torch.stack([s["image"] for s in samples])
             finish = getattr(self.spec.image_transform, "finish", None)
@@ -209,7 +212,7 @@ class ShardStream(IterableDataset):
             if len(buffer) == self.batch_size:
                 yield self.collate(buffer, counter)
                 buffer = []
-        if buffer and self.partial:
+        if self.partial and (buffer or counter.counts):  # the rest, and the skips after the last full batch
             yield self.collate(buffer, counter)
 
     def good_samples(self, counter: SkipCounter, rng: random.Random) -> Iterator[dict]:
