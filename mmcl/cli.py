@@ -65,10 +65,17 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like every other mmcl error (its usage text is a --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"mmcl: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from data_pipelines.cli import add_data_subcommands
 
-    parser = argparse.ArgumentParser(prog="mmcl", description="Contrastive pretraining: CLIP, SigLIP, SimCLR, MoCo, SLIP")
+    parser = Parser(prog="mmcl", description="Contrastive pretraining: CLIP, SigLIP, SimCLR, MoCo, SLIP")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train from a YAML recipe", description="Train from a YAML recipe. "
                        "Run under `accelerate launch -m mmcl train ...` or torchrun for several processes.")
@@ -97,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> argparse.Namespace:
+    """argparse stops filling `overrides` at the first option: `mmcl train R --dry-run k=v` keeps k=v as well."""
+    args, rest = parser.parse_known_args(argv)
+    if rest and isinstance(getattr(args, "overrides", None), list) and not any(r.startswith("-") for r in rest):
+        args.overrides += rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Every known failure ends here as one line: bad input (exit 2), a run that cannot go on (exit 1)."""
     from pickle import UnpicklingError
@@ -106,7 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from mmcl.models.weights import UnsafeCheckpointError
     from mmcl.train.loop import TrainingError
 
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     try:
         return args.func(args) or 0
     except (ConfigError, FileNotFoundError, UnsafeCheckpointError, ValueError, UnpicklingError) as err:

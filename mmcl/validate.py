@@ -31,6 +31,8 @@ def check_model(recipe: Recipe) -> None:
         path = getattr(m, key)
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"model.{key}: file not found: {path} (weights must be local; nothing downloads)")
+    positive("model.lock_image_unlocked_groups", m.lock_image_unlocked_groups, allow_zero=True)
+    positive("model.lock_text_unlocked_layers", m.lock_text_unlocked_layers, allow_zero=True)
     if not m.ssl_head or any(d <= 0 for d in m.ssl_head):
         raise ConfigError(f"model.ssl_head: must be a list of positive sizes, got {m.ssl_head}")
 
@@ -161,6 +163,10 @@ def check_train(recipe: Recipe) -> None:
     positive("train.keep_last", t.keep_last)
     positive("train.max_bad_steps", t.max_bad_steps)
     positive("train.dist_timeout_s", t.dist_timeout_s)
+    if t.dist_timeout_s > YEAR_S:
+        raise ConfigError(f"train.dist_timeout_s: must be at most {YEAR_S} (a year), got {t.dist_timeout_s}")
+    if not 0 <= t.seed < 2 ** 32:  # numpy's seeds are 32-bit
+        raise ConfigError(f"train.seed: must be in [0, 2**32), got {t.seed}")
     if t.max_steps is not None:
         positive("train.max_steps", t.max_steps)
     if t.batch_size % t.accum_steps:
@@ -171,6 +177,9 @@ def check_train(recipe: Recipe) -> None:
         raise ConfigError(f"train.resume: {t.resume} is not a complete checkpoint (no {runs.META}; "
                           f"give a folder like RUN/{runs.CHECKPOINTS}/{runs.checkpoint_name(100)})")
     check_output_dir(t.output_dir)
+
+
+YEAR_S = 365 * 24 * 3600
 
 
 def check_output_dir(path: str) -> None:

@@ -76,9 +76,10 @@ def export_run(run_dir: Path, out_dir: Path, checkpoint: Optional[Path] = None) 
     checkpoint = checkpoint or runs.latest_checkpoint(run_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint to export")
+    state = run_towers_state(checkpoint)  # read (and refused if need be) before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / runs.MODEL_CONFIG, out_dir / "open_clip_config.json")
-    weights.save_weights(run_towers_state(checkpoint), out_dir / "open_clip_model.safetensors")
+    weights.save_weights(state, out_dir / "open_clip_model.safetensors")
     return out_dir
 
 
