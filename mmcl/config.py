@@ -183,7 +183,8 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise ConfigError(f"{prefix}{key}: unknown key (expected one of: {', '.join(names)})")
+            shown = key if isinstance(key, str) and key.strip() else repr(key)  # an empty or non-text key
+            raise ConfigError(f"{prefix}{shown}: unknown key (expected one of: {', '.join(names)})")
     return cls(**{k: coerce(hints[k], v, prefix + k) for k, v in data.items()})
 
 
