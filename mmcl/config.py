@@ -194,6 +194,8 @@ def apply_override(tree: dict, assignment: str) -> None:
         raise ConfigError(f"{assignment}: override must look like key.sub=value")
     dotted, raw = assignment.split("=", 1)
     keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"{assignment}: override must look like key.sub=value")
     node = tree
     for key in keys[:-1]:
         if node.get(key) is None:  # absent, or an empty section (`train:` alone reads as null)

@@ -4,7 +4,7 @@ Each recipe has its data and eval folders pointed at the embedded digits and its
 one (the mutations then reach past the data checks), and is mutated by tests/recipe_mutations.py: values,
 types, keys, YAML syntax, command-line overrides. Every case must either dry-run (exit 0) or stop with exit 2
 and exactly one line `mmcl: error: ...`; no traceback, and nothing written in either case. Cases run in
-process through `mmcl.cli.main` (a fresh `python -m mmcl` costs seconds of imports); a few also run through
+process through `mmcl.cli.main` (a fresh `python -m mmcl` costs seconds of imports); two also run through
 the real command. Case i of recipe R is `random.Random(f"{SEED}:{R}:{i}")`.
 """
 from __future__ import annotations
@@ -112,7 +112,7 @@ def test_mutated_recipe_dry_runs_or_fails_with_one_line_and_writes_nothing(path,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stem, case", [("digits_clip_tiny", 0), ("digits_clip_tiny", 5), ("cifar10_moco_tiny", 3)])
+@pytest.mark.parametrize("stem, case", [("digits_clip_tiny", 0), ("cifar10_moco_tiny", 5)])  # refused; dry-runs
 def test_mutated_recipe_through_the_real_command(stem, case, digits_root, tmp_path, capfd, monkeypatch, run_mmcl):
     """The same cases through `python -m mmcl`: the same outcome, the same line."""
     monkeypatch.chdir(tmp_path)
