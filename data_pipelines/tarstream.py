@@ -31,10 +31,11 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # the same split as webda
 
 
 def _octal(field: bytes) -> int:
-    """A numeric header field: octal ASCII, NUL/space padded."""
+    """A numeric header field: octal ASCII, space padded, ending at its first NUL (what follows is ignored,
+    as `tarfile` does)."""
     if field[:1] and field[0] & 0x80:
         raise ValueError("base-256 size fields are not supported")
-    text = field.rstrip(b"\0 ").lstrip(b" ")
+    text = field.split(b"\0", 1)[0].strip(b" ")
     return int(text, 8) if text else 0
 
 

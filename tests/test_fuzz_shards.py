@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -115,3 +116,23 @@ def test_mmcl_train_and_eval_on_damaged_shards(case, clean_set, eval_model, tmp_
     # each worker read its shards at least once: every kind the reference finds is counted at least as often
     assert set(skipped) == set(counts), (skipped, dict(counts), done)
     assert all(skipped[kind] >= n for kind, n in counts.items()), (skipped, dict(counts), done)
+
+
+def test_every_byte_of_a_member_s_headers_flipped_reads_like_the_reference(clean_set, tmp_path):
+    """Not random: each of the 1,024 bytes of the pax and ustar headers of one member, flipped in turn."""
+    from data_pipelines.tarstream import shard_samples
+    from shard_faults import reference_samples
+
+    shard = tmp_path / "0.tar"
+    data = (clean_set / "train" / "0.tar").read_bytes()
+    with tarfile.open(clean_set / "train" / "0.tar") as tar:
+        member = tar.getmembers()[4]  # the second sample's second file
+    wrong = []
+    for at in list(range(member.offset, member.offset + 512)) + list(range(member.offset_data - 512, member.offset_data)):
+        shard.write_bytes(data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:])
+        damage = []
+        keys = [s["__key__"] for s in shard_samples(str(shard), damage.append)]
+        samples, end = reference_samples(shard)
+        if keys != [s["__key__"] for s in samples] or [d.kind for d in damage] != ([end] if end else []):
+            wrong.append((at - member.offset, keys, [d.kind for d in damage], end))
+    assert not wrong, wrong[:5]
