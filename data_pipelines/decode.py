@@ -2,7 +2,8 @@
 
 Every failure raises `BadSample(kind, detail)` so that the streams can skip the sample and count it by kind.
 Nothing here trusts the bytes: images are size-checked from their header before the pixels are decoded
-(decompression bombs), captions must be UTF-8 and non-empty.
+(decompression bombs), captions must be UTF-8, non-empty and of bounded length (open_clip's BPE tokenizer
+takes time quadratic in the length of a word: 0.65 s for one 4,000-letter word, minutes for a megabyte).
 """
 from __future__ import annotations
 
@@ -15,8 +16,14 @@ from PIL import Image
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_MAX_PIXELS = 1 << 26  # 64 Mpx; far above any training image, far below a decompression bomb
+# A `txt` (all its lines) over this many characters, or holding a word (a run without whitespace) over
+# MAX_WORD_CHARS, is skipped as `long_caption` before any tokenizer sees it. Real captions are far shorter
+# (CLIP reads 77 tokens); a 128-letter word tokenizes in about a millisecond.
+MAX_CAPTION_CHARS = 8192
+MAX_WORD_CHARS = 128
 
-# Kinds of bad sample, the names under which the streams count them.
+# Kinds of bad sample, the names under which the streams count them. The last two count damaged shards
+# (once each time the shard is read; data_pipelines.tarstream decides which), the others samples.
 KINDS = (
     "missing_image",
     "empty_image",
@@ -25,6 +32,7 @@ KINDS = (
     "missing_caption",
     "empty_caption",
     "bad_caption_encoding",
+    "long_caption",
     "bad_label",
     "read_error",
     "truncated_tar",
@@ -86,11 +94,20 @@ def decode_captions(data: Optional[bytes]) -> List[str]:
         text = data.decode("utf-8") if isinstance(data, bytes) else str(data)
     except UnicodeDecodeError as err:
         raise BadSample("bad_caption_encoding", str(err)) from None
+    check_caption_length(text)
     lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line]
     if not lines:
         raise BadSample("empty_caption", "txt has no non-empty line")
     return lines
+
+
+def check_caption_length(text: str) -> None:
+    if len(text) > MAX_CAPTION_CHARS:
+        raise BadSample("long_caption", f"{len(text)} characters > {MAX_CAPTION_CHARS}")
+    longest = max(map(len, text.split()), default=0)
+    if longest > MAX_WORD_CHARS:
+        raise BadSample("long_caption", f"a word of {longest} characters > {MAX_WORD_CHARS}")
 
 
 def sample_captions(sample: dict) -> List[str]:

@@ -65,6 +65,10 @@ class SkipCounter:
         return out
 
 
+class NoUsableSamples(RuntimeError):
+    """A whole pass over every shard of a training stream found no usable sample."""
+
+
 def default_rank_world() -> tuple:
     """This process's (rank, world size), from torch.distributed as set up by Accelerate."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -94,18 +98,6 @@ def assign_shards(urls: Sequence[str], seed: int, epoch: int, rank: int, world: 
     return order[rank * workers + worker::slots]
 
 
-def is_truncated(url: str) -> bool:
-    """A local tar that does not end with the end-of-archive marker (zero blocks) was cut short."""
-    if not os.path.isfile(url):
-        return False
-    size = os.path.getsize(url)
-    if size % 512:
-        return True
-    with open(url, "rb") as fh:
-        fh.seek(max(0, size - 1024))
-        return fh.read(1024).strip(b"\0") != b""
-
-
 def resampled_shards(urls: Sequence[str], weights: Optional[Sequence[float]], rng: random.Random) -> Iterator[str]:
     """An endless draw of shards with replacement, weighted (e.g. to mix several sources)."""
     while True:
@@ -123,6 +115,7 @@ class ShardStream(IterableDataset):
         resampled: draw shards with replacement (weights per shard) instead of passes over a shuffled list.
         repeat: cycle over the shards forever (training); False gives one pass (evaluation, tests).
         shuffle_buffer: samples held for shuffling; 0 keeps shard order.
+        partial: (one pass) end with a batch of the samples left over, possibly none, and the last skips.
         rank, world: process index and count; default from torch.distributed.
     """
 
@@ -141,19 +134,34 @@ class ShardStream(IterableDataset):
     def shard_urls(self, rng: random.Random) -> Iterator[str]:
         worker, workers = worker_slot()
         if self.resampled:
-            yield from resampled_shards(self.urls, self.weights, rng)
+            yield from self.resampled_urls(rng)
             return
-        passes, self.good_in_pass = 0, 0
+        passes, self.good_in_pass, everything = 0, 0, False
         while True:
-            mine = assign_shards(self.urls, self.seed, self.epoch * 100_003 + passes, self.rank,
-                                 self.world, worker, workers, shuffle=self.repeat)
+            order = self.seed, self.epoch * 100_003 + passes
+            mine = (assign_shards(self.urls, *order, 0, 1, 0, 1) if everything else
+                    assign_shards(self.urls, *order, self.rank, self.world, worker, workers, shuffle=self.repeat))
             yield from mine
             if not self.repeat:
                 return
             if self.good_in_pass == 0:  # cycling forever over shards that hold nothing usable would hang
-                raise RuntimeError(f"no usable sample in a whole pass over {len(mine)} shards "
-                                   f"(first: {mine[0]}); see the skip counts")
+                if everything:
+                    raise NoUsableSamples(f"no usable sample in a whole pass over all {len(mine)} shards "
+                                          f"(first: {mine[0]}); see the skip counts")
+                # this slot's shards hold nothing usable: read all of them rather than fail a run that
+                # has good data in other slots (deterministic, so a resumed run reads the same)
+                everything = True
             passes, self.good_in_pass = passes + 1, 0
+
+    def resampled_urls(self, rng: random.Random) -> Iterator[str]:
+        dry = 0  # draws in a row that gave no usable sample
+        for url in resampled_shards(self.urls, self.weights, rng):
+            self.good_in_pass = 0
+            yield url  # the consumer reads the whole shard before it asks for the next one
+            dry = 0 if self.good_in_pass else dry + 1
+            if dry >= 16 * len(self.urls):
+                raise NoUsableSamples(f"no usable sample in {dry} draws from {len(self.urls)} shards "
+                                      f"(first: {self.urls[0]}); see the skip counts")
 
     def raw_samples(self, counter: SkipCounter, rng: random.Random) -> Iterator[dict]:
         """Raw samples of this worker's shards: local tars through mmcl's fast reader, URLs through webdataset."""
@@ -161,18 +169,14 @@ class ShardStream(IterableDataset):
             if not os.path.isfile(url):
                 yield from tarfile_samples([{"url": url}], handler=lambda err: counter.add("read_error") or True)
                 continue
-            # tarfile-style readers take a cut archive for a short one: the missing end blocks tell
-            truncated = is_truncated(url)
-            if truncated:
-                counter.add("truncated_tar")
-            yield from tarstream.shard_samples(url, lambda err: truncated or counter.add("read_error"))
+            yield from tarstream.shard_samples(url, lambda damage: counter.add(damage.kind))
 
     def make_sample(self, raw: dict, rng: random.Random) -> dict:
         spec, out = self.spec, {"key": raw.get("__key__", "")}
+        if spec.label:  # label, caption, image: the order evaluation checks them in (one kind per sample)
+            out["label"] = decode.sample_label(raw)
         if spec.tokenizer is not None:
             out["caption"] = decode.pick_caption(decode.sample_captions(raw), rng)
-        if spec.label:
-            out["label"] = decode.sample_label(raw)
         image = decode.sample_image(raw, spec.max_pixels)
         if spec.image_transform is not None:
             out["image"] = spec.image_transform(image)
@@ -182,6 +186,8 @@ class ShardStream(IterableDataset):
 
     def collate(self, samples: List[dict], counter: SkipCounter) -> dict:
         batch = {"skipped": counter.pop(), "key": [s["key"] for s in samples]}
+        if not samples:  # the end of a one-pass stream: only the skips since the last batch
+            return batch
         if "image" in samples[0]:
             batch["image"] = torch.stack([s["image"] for s in samples])
             finish = getattr(self.spec.image_transform, "finish", None)
@@ -206,7 +212,7 @@ class ShardStream(IterableDataset):
             if len(buffer) == self.batch_size:
                 yield self.collate(buffer, counter)
                 buffer = []
-        if buffer and self.partial:
+        if self.partial and (buffer or counter.counts):  # the rest, and the skips after the last full batch
             yield self.collate(buffer, counter)
 
     def good_samples(self, counter: SkipCounter, rng: random.Random) -> Iterator[dict]:

@@ -4,14 +4,24 @@ Python's `tarfile` (which webdataset uses) spends about 45 us per member parsing
 (CIFAR's 32x32 JPEGs decode in about 80 us) that is a third of the evaluation time and a quarter of the
 data loading of a tiny CLIP. This reader parses the 512-byte headers itself: plain ustar members, GNU long
 names (`L`) and pax `path` records (`x`), which covers what `tarfile`, GNU tar and webdataset's `TarWriter`
-write. Anything else it does not understand raises
-`ValueError`, which the caller counts as a read error for the rest of that shard.
+write.
+
+One decision about damaged shards, shared by training streams and evaluation (the kind is what both count):
+- a block of 512 zero bytes where a header is due ends the archive; whatever follows it is ignored, as tar does;
+- the file ending where a header or a member's data is due, or a header whose size runs past the end of the
+  file, is `truncated_tar` (the samples before the cut are kept; a member whose data is whole but whose
+  padding is cut off is kept too);
+- anything else where a header is due (a bad checksum, a bad number, an unsupported header) or an OS error is
+  `read_error`; the rest of the shard is skipped.
+The size field is checked against the bytes left in the file before anything is read, so a header that claims
+gigabytes costs nothing.
 
 Samples are grouped as webdataset groups them: consecutive members sharing the file name up to the first
 dot of the base name form one sample `{"__key__", "__url__", ext: bytes}` (extensions lower-cased).
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import BinaryIO, Callable, Iterable, Iterator, Optional, Tuple
 
@@ -21,10 +31,11 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # the same split as webda
 
 
 def _octal(field: bytes) -> int:
-    """A numeric header field: octal ASCII, NUL/space padded."""
+    """A numeric header field: octal ASCII, space padded, ending at its first NUL (what follows is ignored,
+    as `tarfile` does)."""
     if field[:1] and field[0] & 0x80:
         raise ValueError("base-256 size fields are not supported")
-    text = field.rstrip(b"\0 ").lstrip(b" ")
+    text = field.split(b"\0", 1)[0].strip(b" ")
     return int(text, 8) if text else 0
 
 
@@ -50,8 +61,10 @@ def _pax_path(data: bytes) -> Optional[str]:
     """The `path` record of a pax extended header ("<len> path=<name>\\n" records)."""
     pos = 0
     while pos < len(data):
-        space = data.index(b" ", pos)
+        space = data.index(b" ", pos)  # ValueError when damaged, like int() below
         length = int(data[pos:space])
+        if length <= space - pos:
+            raise ValueError(f"bad pax record length {length}")
         key, _, value = data[space + 1:pos + length - 1].partition(b"=")
         if key == b"path":
             return value.decode("utf-8", "surrogateescape")
@@ -59,44 +72,66 @@ def _pax_path(data: bytes) -> Optional[str]:
     return None
 
 
-def _read_block(stream: BinaryIO, size: int) -> bytes:
-    """`size` bytes plus the padding to the next 512-byte boundary; the payload is returned."""
-    padded = (size + BLOCK - 1) // BLOCK * BLOCK
-    data = stream.read(padded)
-    if len(data) < padded:
-        raise ValueError("truncated tar member")
-    return data[:size] if padded != size else data
+TRUNCATED, READ_ERROR = "truncated_tar", "read_error"  # the two kinds of damaged shard (decode.KINDS)
 
 
-def tar_entries(stream: BinaryIO) -> Iterator[Tuple[int, str, bytes]]:
-    """(offset, name, payload) of every regular file in a tar stream, in order. `offset` is where the member's
-    first header starts (its GNU long-name or pax header, when it has one), counted from where `stream` was."""
+class TarDamage(ValueError):
+    """Why a shard could not be read to its end: `kind` is TRUNCATED or READ_ERROR (see the module docstring)."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind, self.detail = kind, detail
+
+
+def tar_entries(stream: BinaryIO, size: Optional[int] = None) -> Iterator[Tuple[int, str, bytes]]:
+    """(offset, name, payload) of every regular file in a tar stream of `size` bytes (default: what is left of
+    the file from where `stream` is), in order. `offset` is where the member's first header starts (its GNU
+    long-name or pax header, when it has one), counted from where `stream` was.
+
+    Raises TarDamage after the last intact member of a damaged archive."""
+    if size is None:
+        size = os.fstat(stream.fileno()).st_size - stream.tell()
     long_name, start, pos = None, None, 0
     while True:
         header = stream.read(BLOCK)
-        if not header or header.count(0) == BLOCK:  # end of archive (two zero blocks, or a bare end)
-            return
         if len(header) < BLOCK:
-            raise ValueError("truncated tar header")
-        _check_header(header)
-        kind, size = header[156:157], _octal(header[124:136])
-        data = _read_block(stream, size)
+            raise TarDamage(TRUNCATED, f"the file ends at byte {pos + len(header)} where a header is due "
+                                       "(no end-of-archive marker)")
+        if header.count(0) == BLOCK:  # the end-of-archive marker
+            return
+        try:
+            _check_header(header)
+            length = _octal(header[124:136])
+        except ValueError as err:
+            raise TarDamage(READ_ERROR, f"not a tar header at byte {pos} ({err})") from None
         start = pos if start is None else start
-        pos += BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK
+        pos += BLOCK
+        padded = (length + BLOCK - 1) // BLOCK * BLOCK
+        if length > size - pos:  # never read (nor allocate) what the file cannot hold
+            raise TarDamage(TRUNCATED, f"a member of {length} bytes at byte {pos} runs past the end of the file")
+        data = stream.read(padded)
+        pos += len(data)
+        payload = data[:length] if padded != length else data
+        kind = header[156:157]
         if kind in _REGULAR:
-            yield start, (long_name or _header_name(header)), data
+            yield start, (long_name or _header_name(header)), payload
             long_name, start = None, None
         elif kind == b"L":  # GNU long name of the next member
-            long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            long_name = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         elif kind == b"x":  # pax header of the next member
-            long_name = _pax_path(data) or long_name
+            try:
+                long_name = _pax_path(payload) or long_name
+            except ValueError as err:
+                raise TarDamage(READ_ERROR, f"bad pax header at byte {pos - len(data) - BLOCK} ({err})") from None
         else:  # directories, links, global pax headers: nothing to read
             long_name, start = None, None
+        if len(data) < padded:  # the payload is whole, its padding is cut off
+            raise TarDamage(TRUNCATED, f"the file ends at byte {pos}, inside the padding of a member")
 
 
-def tar_members(stream: BinaryIO) -> Iterator[Tuple[str, bytes]]:
-    """(name, payload) of every regular file in a tar stream, in order."""
-    for _, name, data in tar_entries(stream):
+def tar_members(stream: BinaryIO, size: Optional[int] = None) -> Iterator[Tuple[str, bytes]]:
+    """(name, payload) of every regular file in a tar stream, in order (see tar_entries)."""
+    for _, name, data in tar_entries(stream, size):
         yield name, data
 
 
@@ -124,20 +159,22 @@ def _group(entries: Iterable[Tuple[Optional[int], str, bytes]], url: str) -> Ite
         yield sample
 
 
-def _entries_until_error(url: str, on_error: Callable[[Exception], None]) -> Iterator[Tuple[int, str, bytes]]:
+def _entries_until_damage(url: str, on_damage: Callable[[TarDamage], None]) -> Iterator[Tuple[int, str, bytes]]:
     try:
         with open(url, "rb", buffering=1 << 20) as stream:
             yield from tar_entries(stream)
-    except (OSError, ValueError) as err:
-        on_error(err)
+    except TarDamage as damage:
+        on_damage(damage)
+    except OSError as err:
+        on_damage(TarDamage(READ_ERROR, f"{url}: {err.strerror or err}"))
 
 
-def shard_samples(url: str, on_error: Callable[[Exception], None], offsets: bool = False) -> Iterator[dict]:
-    """The samples of one local shard. An unreadable shard is reported to `on_error` once and the rest of it
-    skipped; the samples read before the damage are kept (the last one may lack a file and be rejected
-    when decoded). With `offsets`, each sample carries `__offset__`: the byte offset of its first header
-    in the tar, from which `sample_at` reads it back."""
-    entries = _entries_until_error(url, on_error)
+def shard_samples(url: str, on_damage: Callable[[TarDamage], None], offsets: bool = False) -> Iterator[dict]:
+    """The samples of one local shard. A damaged shard is reported to `on_damage` once (its `.kind` is what
+    to count) and the rest of it skipped; the samples read before the damage are kept (the last one may lack
+    a file and be rejected when decoded). With `offsets`, each sample carries `__offset__`: the byte offset
+    of its first header in the tar, from which `sample_at` reads it back."""
+    entries = _entries_until_damage(url, on_damage)
     if not offsets:
         entries = ((None, name, data) for _, name, data in entries)
     yield from _group(entries, url)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -33,9 +34,9 @@ def load_model(spec: str, device: str) -> Tuple[torch.nn.Module, Callable, Calla
     if spec.startswith("local-dir:"):
         import open_clip
 
-        folder = spec[len("local-dir:"):]
-        if not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
-            raise FileNotFoundError(f"no open_clip export in {folder} (open_clip_config.json missing)")
+        from mmcl.models.loading import check_export  # config there, weights plain tensors (no pickle runs)
+
+        check_export(Path(spec[len("local-dir:"):]))
         model, _, preprocess = open_clip.create_model_and_transforms(spec, device=device)
         return model.eval(), preprocess, open_clip.get_tokenizer(spec)
     from mmcl.models import load_model as load_mmcl_model  # lazily: the model zoo is heavy

@@ -193,7 +193,7 @@ class SplitStream(IterableDataset):
         urls = self.urls[info.id::info.num_workers] if info is not None else self.urls
         skipped, items = Counter(), []
         for url in urls:
-            for raw in shard_samples(url, lambda err: skipped.update(["read_error"]), offsets=self.meta):
+            for raw in shard_samples(url, lambda damage: skipped.update([damage.kind]), offsets=self.meta):
                 try:
                     items.append(self.make_item(raw))
                 except BadSample as bad:

@@ -15,9 +15,17 @@ from typing import List, Optional
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
+WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
 def one_line(err: Exception) -> str:
-    """Errors are reported on one line (set MMCL_DEBUG=1 for the traceback)."""
-    return " ".join(str(err).split()) or type(err).__name__
+    """Errors are reported on one line (set MMCL_DEBUG=1 for the traceback). An error raised in a DataLoader
+    worker arrives with the worker's traceback in its message: its last line holds the error itself."""
+    text = str(err)
+    if WORKER_TRACEBACK in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split()) or type(err).__name__
 
 
 def format_warning(message, category, filename, lineno, line=None) -> str:
@@ -43,9 +51,13 @@ def find_recipe(name: str) -> str:
 def cmd_train(args) -> int:
     from mmcl.config import load_recipe
     from mmcl.train import train
+    from mmcl.train.loop import dry_run
 
     recipe = load_recipe(find_recipe(args.recipe), args.overrides)
-    train(recipe)
+    if args.dry_run:
+        dry_run(recipe)
+    else:
+        train(recipe)
     return 0
 
 
@@ -64,15 +76,24 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like every other mmcl error (its usage text is a --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"mmcl: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from data_pipelines.cli import add_data_subcommands
 
-    parser = argparse.ArgumentParser(prog="mmcl", description="Contrastive pretraining: CLIP, SigLIP, SimCLR, MoCo, SLIP")
+    parser = Parser(prog="mmcl", description="Contrastive pretraining: CLIP, SigLIP, SimCLR, MoCo, SLIP")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train from a YAML recipe", description="Train from a YAML recipe. "
                        "Run under `accelerate launch -m mmcl train ...` or torchrun for several processes.")
     p.add_argument("recipe", help="recipe file, or a name from recipes/ (e.g. digits_clip_tiny)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 train.batch_size=128")
+    p.add_argument("--dry-run", action="store_true", help="validate the recipe and build everything the run "
+                   "needs (towers, optimizer, data plan, resume checkpoint), then stop; writes nothing")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("export", help="write an open_clip local-dir export of a run")
     p.add_argument("run_dir")
@@ -97,21 +118,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> argparse.Namespace:
+    """argparse stops filling `overrides` at the first option: `mmcl train R --dry-run k=v` keeps k=v as well."""
+    args, rest = parser.parse_known_args(argv)
+    if rest and isinstance(getattr(args, "overrides", None), list) and not any(r.startswith("-") for r in rest):
+        args.overrides += rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Every known failure ends here as one line: bad input (exit 2), a run that cannot go on (exit 1)."""
+    from pickle import UnpicklingError
+
+    from data_pipelines.stream import NoUsableSamples
     from mmcl.config import ConfigError
     from mmcl.models.weights import UnsafeCheckpointError
     from mmcl.train.loop import TrainingError
 
     warnings.formatwarning = format_warning
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, FileNotFoundError, UnsafeCheckpointError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, UnsafeCheckpointError, ValueError, UnpicklingError) as err:
         if os.environ.get("MMCL_DEBUG"):
             raise
         print(f"mmcl: error: {one_line(err)}", file=sys.stderr)
         return 2
-    except (TrainingError, OSError) as err:  # the run started but cannot go on (OSError: e.g. disk full)
+    # the run started but cannot go on (OSError: e.g. disk full; NoUsableSamples: no shard holds a usable sample)
+    except (TrainingError, OSError, NoUsableSamples) as err:
         if os.environ.get("MMCL_DEBUG"):
             raise
         print(f"mmcl: error: {one_line(err)}", file=sys.stderr)

@@ -197,7 +197,8 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise ConfigError(f"{prefix}{key}: unknown key (expected one of: {', '.join(names)})")
+            shown = key if isinstance(key, str) and key.strip() else repr(key)  # an empty or non-text key
+            raise ConfigError(f"{prefix}{shown}: unknown key (expected one of: {', '.join(names)})")
     return cls(**{k: coerce(hints[k], v, prefix + k) for k, v in data.items()})
 
 
@@ -207,6 +208,8 @@ def apply_override(tree: dict, assignment: str) -> None:
         raise ConfigError(f"{assignment}: override must look like key.sub=value")
     dotted, raw = assignment.split("=", 1)
     keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"{assignment}: override must look like key.sub=value")
     node = tree
     for key in keys[:-1]:
         if node.get(key) is None:  # absent, or an empty section (`train:` alone reads as null)
@@ -214,7 +217,16 @@ def apply_override(tree: dict, assignment: str) -> None:
         node = node[key]
         if not isinstance(node, dict):
             raise ConfigError(f"{dotted}: {key} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{dotted}: {raw!r} is not a valid YAML value ({first_line(err)})") from None
+
+
+def first_line(err: Exception) -> str:
+    """The first non-empty line of an error message (yaml's and torch's run over many lines)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def load_tree(path: str) -> dict:
@@ -222,10 +234,9 @@ def load_tree(path: str) -> dict:
     if not file.is_file():
         raise ConfigError(f"recipe: file not found: {path}")
     try:
-        tree = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as err:
-        first = str(err).splitlines()[0]
-        raise ConfigError(f"recipe: {path} is not valid YAML ({first})") from None
+        tree = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"recipe: {path} is not valid YAML ({first_line(err)})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"recipe: {path} must hold a mapping of sections")
     return tree
@@ -270,6 +281,8 @@ def to_dict(recipe: Recipe) -> dict:
 
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:
+    from mmcl.runs import write_text_atomic
+
     tree = to_dict(recipe)
     tree["objective"] = {k: v for k, v in tree["objective"].items() if v is not None or k not in SECTION_TYPES}
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(tree, sort_keys=False))

@@ -10,6 +10,7 @@ RUN/metrics.jsonl, RUN/tb/, RUN/plots/, RUN/summary.json
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -46,3 +47,22 @@ def read_meta(checkpoint: Path) -> dict:
 
 def is_run_dir(path: Path) -> bool:
     return (Path(path) / CONFIG).is_file() and (Path(path) / MODEL_CONFIG).is_file()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a run file whole or not at all: into NAME.tmp, fsync, rename over NAME. A write that fails (disk
+    full, quota, file-size limit) removes the temporary, leaves an earlier NAME as it was, and raises an
+    OSError naming the file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        failed = OSError(f"could not write {path} ([Errno {err.errno}] {err.strerror or err})")
+        failed.errno = err.errno
+        raise failed from err

@@ -5,8 +5,10 @@ import dataclasses
 import inspect
 import math
 import os
+import typing
 from pathlib import Path
 
+from mmcl import runs
 from mmcl.config import ConfigError, Recipe
 from mmcl.objective_options import SECTIONS, OptionError
 
@@ -37,6 +39,8 @@ def check_model(recipe: Recipe) -> None:
         path = getattr(m, key)
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"model.{key}: file not found: {path} (weights must be local; nothing downloads)")
+    positive("model.lock_image_unlocked_groups", m.lock_image_unlocked_groups, allow_zero=True)
+    positive("model.lock_text_unlocked_layers", m.lock_text_unlocked_layers, allow_zero=True)
     if not m.ssl_head or any(d <= 0 for d in m.ssl_head):
         raise ConfigError(f"model.ssl_head: must be a list of positive sizes, got {m.ssl_head}")
 
@@ -49,12 +53,59 @@ def check_model_config(config: dict) -> None:
     known = {"custom_text"} | set(inspect.signature(open_clip.CLIP).parameters)
     known |= set(inspect.signature(open_clip.CustomTextCLIP).parameters)
     check_keys("model.config", config, known)
-    if isinstance(config["embed_dim"], bool) or not isinstance(config["embed_dim"], int) or config["embed_dim"] <= 0:
+    if not is_int(config["embed_dim"]) or not 0 < config["embed_dim"] <= MAX_TOWER_SIZE:
         raise ConfigError(f"model.config.embed_dim: must be a positive integer, got {config['embed_dim']!r}")
     for key, cfg_class in (("vision_cfg", CLIPVisionCfg), ("text_cfg", CLIPTextCfg)):
         if not isinstance(config[key], dict):
             raise ConfigError(f"model.config.{key}: expected a mapping, got {type(config[key]).__name__}")
         check_keys(f"model.config.{key}", config[key], {f.name for f in dataclasses.fields(cfg_class)})
+        check_tower_values(f"model.config.{key}", config[key], cfg_class)
+
+
+# Sizes of a tower: positive integers (a list of them for ResNet `layers` or a (h, w) `image_size`), bounded so
+# that a typo fails here instead of in a build loop that never ends or an allocation the machine cannot make.
+TOWER_SIZES = ("width", "layers", "head_width", "patch_size", "image_size", "heads", "context_length", "vocab_size")
+MAX_TOWER_SIZE = 1 << 20
+
+
+def check_tower_values(where: str, cfg: dict, cfg_class: type) -> None:
+    """Types from open_clip's config dataclass for plain fields; sizes positive; ratios finite and positive."""
+    hints = typing.get_type_hints(cfg_class)
+    for key, value in cfg.items():
+        name = f"{where}.{key}"
+        if key in TOWER_SIZES:
+            values = value if isinstance(value, list) and key in ("layers", "image_size") else [value]
+            if not values or not all(is_int(v) and 0 < v <= MAX_TOWER_SIZE for v in values):
+                raise ConfigError(f"{name}: must be a positive integer (at most {MAX_TOWER_SIZE}), got {value!r}")
+        elif key == "mlp_ratio":
+            if not is_number(value) or not 0 < value < MAX_TOWER_SIZE:
+                raise ConfigError(f"{name}: must be a positive number, got {value!r}")
+        elif key in ("patch_dropout", "timm_drop", "timm_drop_path"):
+            if value is not None and (not is_number(value) or not 0 <= value < 1):
+                raise ConfigError(f"{name}: must be a number in [0, 1), got {value!r}")
+        else:
+            check_plain_type(name, value, hints.get(key))
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def check_plain_type(name: str, value, hint) -> None:
+    """bool, int, float, str and Optional of them; other annotations are left to open_clip."""
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    inner = [a for a in typing.get_args(hint) if a is not type(None)] if optional else [hint]
+    if len(inner) != 1 or inner[0] not in (bool, int, float, str) or (value is None and optional):
+        return
+    expected = inner[0]
+    ok = {bool: isinstance(value, bool), int: is_int(value), str: isinstance(value, str),
+          float: is_number(value)}[expected]
+    if not ok:
+        raise ConfigError(f"{name}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
 
 
 def check_keys(where: str, mapping: dict, known: set) -> None:
@@ -81,12 +132,19 @@ def check_data(recipe: Recipe) -> None:
         lo_hi = getattr(d, key)
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
             raise ConfigError(f"data.{key}: must be [low, high] with 0 < low <= high <= 1, got {lo_hi}")
+    count = 0
     for i, source in enumerate(d.train):
         try:
             urls = shards.expand_urls(source, d.split)
             shards.check_local(urls, allow_remote=d.allow_remote)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"data.train[{i}]: {err}") from None
+        count += len(urls)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and accelerate launch
+    if not d.resampled and count < max(1, d.workers) * world:
+        raise ConfigError(f"data.workers: {d.workers} loader workers x {world} processes need at least "
+                          f"{max(1, d.workers) * world} shards, data.train has {count} (use fewer workers, more "
+                          f"shards, or data.resampled: true)")
 
 
 def check_optim(recipe: Recipe) -> None:
@@ -113,12 +171,19 @@ def check_train(recipe: Recipe) -> None:
     positive("train.keep_last", t.keep_last)
     positive("train.max_bad_steps", t.max_bad_steps)
     positive("train.dist_timeout_s", t.dist_timeout_s)
+    if t.dist_timeout_s > YEAR_S:
+        raise ConfigError(f"train.dist_timeout_s: must be at most {YEAR_S} (a year), got {t.dist_timeout_s}")
+    if not 0 <= t.seed < 2 ** 32:  # numpy's seeds are 32-bit
+        raise ConfigError(f"train.seed: must be in [0, 2**32), got {t.seed}")
     if t.max_steps is not None:
         positive("train.max_steps", t.max_steps)
     if t.batch_size % t.accum_steps:
         raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by train.accum_steps={t.accum_steps}")
     if t.resume not in ("auto", "none") and not Path(t.resume).is_dir():
         raise ConfigError(f"train.resume: must be auto, none or a checkpoint directory; not found: {t.resume}")
+    if t.resume not in ("auto", "none") and not (Path(t.resume) / runs.META).is_file():
+        raise ConfigError(f"train.resume: {t.resume} is not a complete checkpoint (no {runs.META}; "
+                          f"give a folder like RUN/{runs.CHECKPOINTS}/{runs.checkpoint_name(100)})")
     check_output_dir(t.output_dir)
     from mmcl.train.trackers import check_trackers
 
@@ -126,6 +191,9 @@ def check_train(recipe: Recipe) -> None:
     for name in t.tracker_kwargs:
         if name not in t.log_with:
             raise ConfigError(f"train.tracker_kwargs.{name}: {name} is not in train.log_with {t.log_with}")
+
+
+YEAR_S = 365 * 24 * 3600
 
 
 def check_output_dir(path: str) -> None:

@@ -6,6 +6,7 @@ means CustomTextCLIP), never by the model's name.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -15,7 +16,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import open_clip
 from torch import nn
 
-from mmcl.config import ConfigError, ModelConfig
+from mmcl.config import ConfigError, ModelConfig, first_line
 from mmcl.models import hub, weights
 from mmcl.models.attention import use_packed_attention
 
@@ -46,7 +47,7 @@ def resolve_model_cfg(cfg: ModelConfig) -> Dict[str, Any]:
         model_cfg = copy.deepcopy(cfg.config)
     text_cfg = model_cfg.get("text_cfg", {})
     for key in ("hf_model_name", "hf_tokenizer_name"):
-        if key in text_cfg:
+        if text_cfg.get(key) is not None:
             text_cfg[key] = resolve_package_dir(text_cfg[key])
             check_local_hf(text_cfg[key], key)
     return model_cfg
@@ -68,8 +69,27 @@ def instantiate(model_cfg: Dict[str, Any], load_hf_weights: bool = True, **extra
     if "timm_model_name" in cfg.get("vision_cfg", {}):
         cfg["vision_cfg"]["timm_model_pretrained"] = False  # timm would download; use model.image_weights
     cfg.update(extra)
-    model_class = open_clip.CustomTextCLIP if custom else open_clip.CLIP
-    return model_class(**cfg)
+    if not custom:
+        return open_clip.CLIP(**cfg)
+    with quiet_transformers():
+        return open_clip.CustomTextCLIP(**cfg)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers prints a load report (the MiniLM pooler mmcl does not use) and a progress bar to stderr
+    while it builds a text tower; mmcl checks weights itself and keeps stderr for its one-line errors."""
+    from transformers.utils import logging as hf_logging
+
+    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def build_model(cfg: ModelConfig, logit_bias: Optional[float] = None, logit_scale: Optional[float] = None) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -84,7 +104,12 @@ def build_model(cfg: ModelConfig, logit_bias: Optional[float] = None, logit_scal
         extra["init_logit_bias"] = logit_bias
     if logit_scale is not None:
         extra["init_logit_scale"] = logit_scale
-    model = instantiate(model_cfg, load_hf_weights=cfg.pretrained is None, **extra)
+    try:
+        model = instantiate(model_cfg, load_hf_weights=cfg.pretrained is None, **extra)
+    except Exception as err:  # the config reaches open_clip as written: what it cannot build, the recipe asked for
+        where = "model.arch" if cfg.arch is not None else "model.config"
+        raise ConfigError(f"{where}: open_clip cannot build these towers ({type(err).__name__}: "
+                          f"{first_line(err)})") from None
     if pretrained:  # a tag or hf-hub name: open_clip's loader, which also converts older checkpoint layouts
         weights.load_open_clip_checkpoint(model, weights_file)
         open_clip.set_model_preprocess_cfg(model, {**open_clip.get_model_preprocess_cfg(model),

@@ -10,6 +10,7 @@ import open_clip
 from torch import nn
 
 from mmcl import runs
+from mmcl.config import first_line
 from mmcl.models import factory, hub, weights
 
 
@@ -27,7 +28,7 @@ def load_run(run_dir: Path, checkpoint: Optional[Path] = None) -> Tuple[nn.Modul
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint under {run_dir / runs.CHECKPOINTS}")
     config = json.loads((run_dir / runs.MODEL_CONFIG).read_text())
     model = factory.instantiate(config["model_cfg"], load_hf_weights=False)
-    model.load_state_dict(run_towers_state(checkpoint), strict=True)
+    weights.load_state(model, run_towers_state(checkpoint), str(checkpoint / runs.WEIGHTS), strict=True)
     open_clip.set_model_preprocess_cfg(model, config["preprocess_cfg"])
     return model, factory.eval_preprocess(model), factory.make_tokenizer(config["model_cfg"])
 
@@ -43,6 +44,8 @@ def load_open_clip(name: str, weights_file: Optional[str]) -> Tuple[nn.Module, C
     elif weights_file is not None:  # a tag open_clip resolves itself, or a hub repository's weights file
         path, _ = hub.resolve(name, weights_file, key="--model")
         pretrained = path if weights_file.startswith(hub.HUB_PREFIX) else weights_file
+    if name.startswith("local-dir:"):
+        check_export(Path(name[len("local-dir:"):]))
     if not name.startswith("local-dir:") and open_clip.get_model_config(name) is None:
         raise ValueError(f"unknown model {name!r}: not a run directory, a local-dir: export, an hf-hub: model "
                          f"or an open_clip architecture")
@@ -56,7 +59,17 @@ def load_hub_model(name: str) -> Tuple[nn.Module, Callable, Callable]:
         model, _, preprocess = open_clip.create_model_and_transforms(name)
         return model, preprocess, open_clip.get_tokenizer(name)
     except Exception as err:  # e.g. a repository without open_clip_config.json
-        raise ValueError(f"--model: {name} could not be built by open_clip ({weights.first_line(err)})") from None
+        raise ValueError(f"--model: {name} could not be built by open_clip ({first_line(err)})") from None
+
+
+def check_export(folder: Path) -> None:
+    """An open_clip `local-dir:` folder: its config is there, and every weights file open_clip may pick is
+    plain tensors (read here first, so a pickle payload is refused with the file's name and never runs)."""
+    if not (folder / "open_clip_config.json").is_file():
+        raise FileNotFoundError(f"no open_clip export in {folder} (open_clip_config.json missing)")
+    for pattern in ("*.safetensors", "*.bin", "*.pth"):
+        for path in sorted(folder.glob(pattern)):
+            weights.read_state_dict(str(path))
 
 
 def load_model(spec: str, device: str = "cpu") -> Tuple[nn.Module, Callable, Callable]:
@@ -81,9 +94,10 @@ def export_run(run_dir: Path, out_dir: Path, checkpoint: Optional[Path] = None) 
     checkpoint = checkpoint or runs.latest_checkpoint(run_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint to export")
+    state = run_towers_state(checkpoint)  # read (and refused if need be) before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / runs.MODEL_CONFIG, out_dir / "open_clip_config.json")
-    weights.save_weights(run_towers_state(checkpoint), out_dir / "open_clip_model.safetensors")
+    weights.save_weights(state, out_dir / "open_clip_model.safetensors")
     return out_dir
 
 

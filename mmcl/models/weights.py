@@ -6,6 +6,7 @@ A pickle checkpoint can carry code that runs on load. mmcl writes safetensors an
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 from typing import Dict
 
@@ -13,6 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from mmcl.config import first_line
 
 
 class UnsafeCheckpointError(ValueError):
@@ -25,12 +28,16 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     if not file.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if file.suffix == ".safetensors":
-        return load_file(str(file))
+        try:
+            return load_file(str(file))
+        except Exception as err:  # SafetensorError (e.g. a pickle renamed .safetensors), or a cut file
+            raise UnsafeCheckpointError(f"{path}: refused, not a safetensors file ({first_line(err)})") from None
     try:
-        state = torch.load(str(file), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for payloads; others for plain garbage
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UnsafeCheckpointError(f"{path}: refused, not a plain tensor checkpoint ({first})") from None
+        raise UnsafeCheckpointError(f"{path}: refused, not a plain tensor checkpoint ({first_line(err)})") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -50,17 +57,21 @@ def load_open_clip_checkpoint(model: nn.Module, path: str) -> None:
         raise ValueError(f"{path}: weights do not match the model ({first_line(err)})") from None
 
 
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def load_into(module: nn.Module, path: str, strict: bool = True) -> None:
-    state = read_state_dict(path)
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    load_state(module, read_state_dict(path), path, strict)
+
+
+def load_state(module: nn.Module, state: Dict[str, torch.Tensor], path: str, strict: bool = True) -> None:
+    """Load `state` (read from `path`) into `module`; a ValueError naming the file when they do not match."""
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes differ; torch's first line only says "Error(s) in loading state_dict"
+        detail = [line.strip() for line in str(err).splitlines() if line.strip()][1:2] or [first_line(err)]
+        raise ValueError(f"{path}: weights do not match the model ({detail[0]})") from None
     if strict and (missing or unexpected):
         raise ValueError(f"{path}: weights do not match the model "
                          f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+
 
 
 def text_tower_keys(model: nn.Module) -> list:
@@ -77,7 +88,7 @@ def load_text_tower(model: nn.Module, path: str) -> None:
     if unknown or missing:
         raise ValueError(f"{path}: text weights do not match the text tower "
                          f"(unknown {unknown[:3]}, missing {missing[:3]})")
-    model.load_state_dict(state, strict=False)
+    load_state(model, state, path, strict=False)
 
 
 def save_weights(state: Dict[str, torch.Tensor], path: Path) -> None:

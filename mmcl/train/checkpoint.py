@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from mmcl import runs
+from mmcl.config import first_line
 from mmcl.models import weights
 
 
@@ -113,9 +114,10 @@ def prune(run_dir: Path, keep_last: int) -> None:
 
 def load(checkpoint: Path, module: nn.Module) -> Dict[str, Any]:
     """Restore module weights and buffers; return the training state (optimizer, RNG, data position)."""
-    module.load_state_dict(weights.read_state_dict(str(checkpoint / runs.WEIGHTS)), strict=True)
+    path = str(checkpoint / runs.WEIGHTS)
+    weights.load_state(module, weights.read_state_dict(path), path, strict=True)
     try:
         return torch.load(checkpoint / runs.STATE, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors and plain containers
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "not plain data"
-        raise weights.UnsafeCheckpointError(f"{checkpoint / runs.STATE}: refused ({first})") from None
+    # weights_only refuses anything but tensors and plain containers (UnpicklingError); garbage fails otherwise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise weights.UnsafeCheckpointError(f"{checkpoint / runs.STATE}: refused ({first_line(err)})") from None

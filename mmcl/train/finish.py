@@ -8,6 +8,7 @@ from typing import Dict, List
 
 import torch
 
+from mmcl import runs
 from mmcl.config import Recipe
 from mmcl.models import factory
 from mmcl.train.logs import RunLog
@@ -91,7 +92,7 @@ def finish(recipe: Recipe, objective, model_cfg: dict, state, accelerator, log: 
                "skipped_samples": dict(state.skipped_samples), "skipped_steps": state.skipped_steps,
                "eval": results}
     if accelerator.is_main_process:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        runs.write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         summary["plots"] = {k: str(v) for k, v in write_plots(run_dir).items()}
         print(summary_table(summary))
     return summary

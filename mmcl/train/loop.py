@@ -81,24 +81,48 @@ def train(recipe: Recipe) -> dict:
     return finish(recipe, run.objective, run.model_cfg, state, run.accelerator, run.log)
 
 
-def start(recipe: Recipe):
-    """Build everything, write the run files, and resume from the newest complete checkpoint if asked."""
+def prepare(recipe: Recipe):
+    """Everything up to the first step that writes nothing: processes, towers, objective, optimizer, schedule,
+    data plan, the resume checkpoint (loaded and checked) and the sample spec. A problem found here leaves no
+    file behind. Returns (run without a log, RNG state to restore, the checkpoint resumed from)."""
     accelerator = S.make_accelerator(recipe)
     run_dir = Path(recipe.train.output_dir)
     objective, model_cfg, optimizer = S.build(recipe, accelerator)
     plan = S.plan_data(recipe, accelerator.num_processes)
     scheduler = S.make_scheduler(optimizer.optimizer, plan.total_steps, recipe.optim)
-    if accelerator.is_main_process:
-        S.write_run_files(recipe, run_dir, objective.model, model_cfg)
-    accelerator.wait_for_everyone()
     state, rng, resume_from = S.TrainState(skipped_samples=Counter()), None, S.resume_point(recipe, run_dir)
     if resume_from is not None:
         state, rng = S.restore(resume_from, objective, optimizer, scheduler, accelerator)
     spec = S.sample_spec(recipe, objective, model_cfg, factory.make_tokenizer(model_cfg))
-    trackers.start(accelerator, recipe, state.step)
-    log = RunLog(run_dir, accelerator.is_main_process, plan.total_steps, state.step, recipe.train.progress,
-                 tracker=accelerator if recipe.train.log_with else None)
-    return Run(recipe, accelerator, objective, model_cfg, optimizer, scheduler, plan, spec, state, log, run_dir), rng
+    run = Run(recipe, accelerator, objective, model_cfg, optimizer, scheduler, plan, spec, state, None, run_dir)
+    return run, rng, resume_from
+
+
+def start(recipe: Recipe):
+    """Prepare, then write the run files and open the log."""
+    run, rng, _ = prepare(recipe)
+    if run.accelerator.is_main_process:
+        S.write_run_files(recipe, run.run_dir, run.objective.model, run.model_cfg)
+    run.accelerator.wait_for_everyone()
+    trackers.start(run.accelerator, recipe, run.state.step)
+    run.log = RunLog(run.run_dir, run.accelerator.is_main_process, run.plan.total_steps, run.state.step,
+                     recipe.train.progress, tracker=run.accelerator if recipe.train.log_with else None)
+    return run, rng
+
+
+def dry_run(recipe: Recipe) -> dict:
+    """`mmcl train --dry-run`: validate and build everything a run needs, write nothing, print what it found."""
+    run, _, resume_from = prepare(recipe)
+    params = factory.count_parameters(run.objective)
+    found = {"parameters": params["total"], "trainable": params["trainable"], "shards": len(run.plan.urls),
+             "steps_per_epoch": run.plan.steps_per_epoch, "total_steps": run.plan.total_steps,
+             "resume_from": str(resume_from) if resume_from else None, "start_step": run.state.step}
+    if run.accelerator.is_main_process:
+        print(f"dry run: ok; {found['parameters']:,} parameters ({found['trainable']:,} trainable), "
+              f"{found['shards']} shards, {found['steps_per_epoch']} steps per epoch, {found['total_steps']} "
+              f"steps, starting at step {found['start_step']}"
+              + (f" from {resume_from}" if resume_from else "") + f"; nothing written to {run.run_dir}")
+    return found
 
 
 def optimizer_step(run: Run, batch: dict):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -17,7 +18,7 @@ from data_pipelines.stream import PAD, EpochStream, SampleSpec, ShardStream, mak
 from data_pipelines.tokens import CachedTokenizer
 from data_pipelines.transforms import clip_transform, view_transform
 from mmcl import runs
-from mmcl.config import ConfigError, Recipe, dump_recipe
+from mmcl.config import ConfigError, Recipe, dump_recipe, first_line
 from mmcl.models import factory
 from mmcl.objectives import Objective, build_objective, model_init_kwargs
 from mmcl.train import checkpoint, trackers
@@ -157,16 +158,28 @@ def build(recipe: Recipe, accelerator: Accelerator):
     if recipe.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     model, model_cfg = factory.build_model(recipe.model, **model_init_kwargs(recipe))
-    objective = build_objective(recipe, model).to(accelerator.device)
+    try:
+        objective = build_objective(recipe, model).to(accelerator.device)
+    except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as err:  # sizes torch cannot allocate
+        raise ConfigError(f"objective: cannot build {recipe.objective.name} with these sizes "
+                          f"({type(err).__name__}: {first_line(err)})") from None
     optimizer = accelerator.prepare_optimizer(make_optimizer(objective, recipe.optim))
     return objective, model_cfg, optimizer
 
 
 def write_run_files(recipe: Recipe, run_dir: Path, model: torch.nn.Module, model_cfg: dict) -> None:
+    """config.yaml and open_clip_config.json, each written whole or not at all; a run folder made here is
+    removed again if they cannot be written (disk full)."""
+    made = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_recipe(recipe, run_dir / runs.CONFIG)
-    config = {"model_cfg": model_cfg, "preprocess_cfg": factory.preprocess_cfg(model)}
-    (run_dir / runs.MODEL_CONFIG).write_text(json.dumps(config, indent=2))
+    try:
+        dump_recipe(recipe, run_dir / runs.CONFIG)
+        config = {"model_cfg": model_cfg, "preprocess_cfg": factory.preprocess_cfg(model)}
+        runs.write_text_atomic(run_dir / runs.MODEL_CONFIG, json.dumps(config, indent=2))
+    except OSError:
+        if made:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def resume_point(recipe: Recipe, run_dir: Path) -> Optional[Path]:
@@ -179,11 +192,15 @@ def resume_point(recipe: Recipe, run_dir: Path) -> Optional[Path]:
 
 def restore(ckpt: Path, objective, optimizer, scheduler, accelerator) -> TrainState:
     saved = checkpoint.load(ckpt, objective)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    if accelerator.scaler is not None and saved.get("scaler"):
-        accelerator.scaler.load_state_dict(saved["scaler"])
-    state = TrainState(**saved["train_state"])
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if accelerator.scaler is not None and saved.get("scaler"):
+            accelerator.scaler.load_state_dict(saved["scaler"])
+        state = TrainState(**saved["train_state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # e.g. towers locked since it was saved
+        raise ConfigError(f"train.resume: {ckpt} does not match this recipe ({type(err).__name__}: "
+                          f"{first_line(err)})") from None
     state.skipped_samples = Counter(state.skipped_samples)
     return state, saved["rng"][min(accelerator.process_index, len(saved["rng"]) - 1)]
 
