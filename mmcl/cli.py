@@ -53,11 +53,11 @@ def cmd_train(args) -> int:
     from mmcl.train import train
     from mmcl.train.loop import dry_run
 
+    from mmcl.distributed import shutdown
+
     recipe = load_recipe(find_recipe(args.recipe), args.overrides)
-    if args.dry_run:
-        dry_run(recipe)
-    else:
-        train(recipe)
+    dry_run(recipe) if args.dry_run else train(recipe)
+    shutdown()  # after success only: a failed rank must not wait here for the others
     return 0
 
 

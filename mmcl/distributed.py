@@ -153,3 +153,11 @@ def all_reduce_mean_(tensors: Iterable[torch.Tensor]) -> None:
         flat.div_(world)
         for tensor, averaged in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
             tensor.copy_(averaged)
+
+
+def shutdown() -> None:
+    """End the process group at the end of a program: a gloo group left to the interpreter's exit can abort
+    the process ("terminate called without an active exception") after all the work is done. Call it once
+    every process is done communicating."""
+    if is_distributed():
+        dist.destroy_process_group()

@@ -120,4 +120,7 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
+    from mmcl.distributed import shutdown
+
     main(sys.argv[1])
+    shutdown()

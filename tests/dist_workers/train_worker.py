@@ -77,4 +77,7 @@ def main(recipe_path: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    from mmcl.distributed import shutdown
+
     main(sys.argv[1], sys.argv[2])
+    shutdown()
