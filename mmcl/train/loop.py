@@ -5,13 +5,15 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from mmcl import runs
 from mmcl.config import Recipe
 from mmcl.models import factory
 from mmcl.train import setup as S
+from mmcl.train import feature_cache
 from mmcl.train import step as T
+from mmcl.train.feature_cache import FeatureCache
 from mmcl.train.checkpoint import CheckpointWriteError, set_rng_state
 from mmcl.train.finish import evaluate, finish
 from mmcl.train.logs import RunLog
@@ -35,6 +37,7 @@ class Run:
     state: S.TrainState
     log: RunLog
     run_dir: Path
+    cache: Optional[FeatureCache] = None
 
     def save(self) -> None:
         try:
@@ -93,15 +96,21 @@ def start(recipe: Recipe):
     state, rng, resume_from = S.TrainState(skipped_samples=Counter()), None, S.resume_point(recipe, run_dir)
     if resume_from is not None:
         state, rng = S.restore(resume_from, objective, optimizer, scheduler, accelerator)
-    spec = S.sample_spec(recipe, objective, model_cfg, factory.make_tokenizer(model_cfg))
+    tokenizer = factory.make_tokenizer(model_cfg)
+    cache = feature_cache.prepare(recipe, objective.model, model_cfg, tokenizer, accelerator, run_dir, plan.urls)
+    objective.cached = cache.splits if cache else {}
+    spec = S.sample_spec(recipe, objective, model_cfg, tokenizer, cached=objective.cached)
     log = RunLog(run_dir, accelerator.is_main_process, plan.total_steps, state.step, recipe.train.progress)
-    return Run(recipe, accelerator, objective, model_cfg, optimizer, scheduler, plan, spec, state, log, run_dir), rng
+    return Run(recipe, accelerator, objective, model_cfg, optimizer, scheduler, plan, spec, state, log, run_dir,
+               cache), rng
 
 
 def optimizer_step(run: Run, batch: dict):
     """Forward and backward over one global batch, average gradients, update; skip non-finite steps."""
     state, accelerator, objective, t = run.state, run.accelerator, run.objective, run.recipe.train
     state.skipped_samples.update(batch.pop("skipped", {}))
+    if run.cache is not None:
+        run.cache.fill(batch)
     batch = T.to_device(batch, accelerator.device)
     objective.train()
     objective.before_step(state.step, run.plan.total_steps)
