@@ -31,7 +31,7 @@ class ModelConfig:
     lock_image_unlocked_groups: int = 0
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0
-    cache_locked: bool = False  # compute locked towers' outputs once, read them from RUN/feature_cache after
+    cache_locked: bool = False  # compute locked towers' outputs once, read them from RUN/locked_features after
     grad_checkpointing: bool = False
     packed_attention: bool = True  # the faster training path for open_clip's attention (mmcl.models.attention)
     ssl_head: List[int] = field(default_factory=lambda: [512, 128])  # hidden..., out dims of the SSL MLP

@@ -151,7 +151,7 @@ def check_objective(recipe: Recipe) -> None:
 
 
 def check_cache(recipe: Recipe) -> None:
-    """The feature cache serves image-text objectives whose locked towers see deterministic local inputs."""
+    """The locked-feature cache serves image-text objectives whose locked towers see deterministic local inputs."""
     m, o, d = recipe.model, recipe.objective, recipe.data  # which parts are cached is known once built
     if o.name not in ("clip", "siglip") or o.cross_modal_queue:
         raise ConfigError(f"model.cache_locked: only objective.name clip or siglip (without cross-modal queues) "

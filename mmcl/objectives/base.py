@@ -29,7 +29,7 @@ class Objective(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.cached = {}  # tower name -> mmcl.models.frozen.TowerSplit whose frozen part the feature cache holds
+        self.locked = {}  # tower name -> mmcl.models.frozen.TowerSplit whose frozen part the locked-feature cache holds
 
     def train(self, mode: bool = True) -> "Objective":
         """Locked parts of the towers stay in eval mode: no dropout, fixed statistics (mmcl.models.frozen)."""

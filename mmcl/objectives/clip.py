@@ -25,14 +25,14 @@ class ClipObjective(Objective):
                                 chunk_size=cfg.chunk_size)
 
     def encode(self, batch: dict) -> Features:
-        """Both towers; a tower whose locked part is in the feature cache runs only from the cached output on
-        (`batch["image_cached"]` / `batch["text_cached"]`, put there by mmcl.train.feature_cache)."""
-        if "image_cached" in batch:
-            image = F.normalize(self.cached["image"].trainable(batch["image_cached"]), dim=-1)
+        """Both towers; a tower whose locked part is in the locked-feature cache runs only from the cached output on
+        (`batch["image_locked"]` / `batch["text_locked"]`, put there by mmcl.train.locked_cache)."""
+        if "image_locked" in batch:
+            image = F.normalize(self.locked["image"].trainable(batch["image_locked"]), dim=-1)
         else:
             image = self.model.encode_image(batch["image"], normalize=True)
-        if "text_cached" in batch:
-            text = F.normalize(self.cached["text"].trainable(batch["text_cached"]), dim=-1)
+        if "text_locked" in batch:
+            text = F.normalize(self.locked["text"].trainable(batch["text_locked"]), dim=-1)
         else:
             text = self.model.encode_text(batch["text"], normalize=True)
         return {"image": image, "text": text}

@@ -11,9 +11,9 @@ from mmcl import runs
 from mmcl.config import Recipe
 from mmcl.models import factory
 from mmcl.train import setup as S
-from mmcl.train import feature_cache
+from mmcl.train import locked_cache
 from mmcl.train import step as T
-from mmcl.train.feature_cache import FeatureCache
+from mmcl.train.locked_cache import LockedCache
 from mmcl.train.checkpoint import CheckpointWriteError, set_rng_state
 from mmcl.train.finish import evaluate, finish
 from mmcl.train.logs import RunLog
@@ -37,7 +37,7 @@ class Run:
     state: S.TrainState
     log: RunLog
     run_dir: Path
-    cache: Optional[FeatureCache] = None
+    cache: Optional[LockedCache] = None
 
     def save(self) -> None:
         try:
@@ -97,9 +97,9 @@ def start(recipe: Recipe):
     if resume_from is not None:
         state, rng = S.restore(resume_from, objective, optimizer, scheduler, accelerator)
     tokenizer = factory.make_tokenizer(model_cfg)
-    cache = feature_cache.prepare(recipe, objective.model, model_cfg, tokenizer, accelerator, run_dir, plan.urls)
-    objective.cached = cache.splits if cache else {}
-    spec = S.sample_spec(recipe, objective, model_cfg, tokenizer, cached=objective.cached)
+    cache = locked_cache.prepare(recipe, objective.model, model_cfg, tokenizer, accelerator, run_dir, plan.urls)
+    objective.locked = cache.splits if cache else {}
+    spec = S.sample_spec(recipe, objective, model_cfg, tokenizer, cached=objective.locked)
     log = RunLog(run_dir, accelerator.is_main_process, plan.total_steps, state.step, recipe.train.progress)
     return Run(recipe, accelerator, objective, model_cfg, optimizer, scheduler, plan, spec, state, log, run_dir,
                cache), rng

@@ -21,7 +21,7 @@ from mmcl.config import ConfigError, Recipe, dump_recipe
 from mmcl.models import factory
 from mmcl.objectives import Objective, build_objective, model_init_kwargs
 from mmcl.train import checkpoint
-from mmcl.train.feature_cache import NoTokens
+from mmcl.train.locked_cache import NoTokens
 from mmcl.train.optim import make_optimizer, make_scheduler
 
 
@@ -76,7 +76,7 @@ def plan_data(recipe: Recipe, world: int) -> DataPlan:
 
 
 def sample_spec(recipe: Recipe, objective: Objective, model_cfg: dict, tokenizer, cached=()) -> SampleSpec:
-    """What a training sample carries; a tower served by the feature cache (`cached`) needs no pixels or tokens."""
+    """What a training sample carries; a tower served by the locked-feature cache (`cached`) needs no pixels or tokens."""
     size, d = factory.image_size(model_cfg), recipe.data
     pp = factory.preprocess_cfg(objective.model)
     mean, std = pp.get("mean"), pp.get("std")

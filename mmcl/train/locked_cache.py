@@ -1,9 +1,9 @@
-"""The feature cache for locked towers (`model.cache_locked: true`).
+"""The locked-feature cache: outputs of locked towers computed once (`model.cache_locked: true`).
 
 A locked tower (or the locked part of one, mmcl.models.frozen) computes the same output for the same input
 for the whole run, as long as its input is deterministic: the caption string for text, the eval transform
 (`data.augment: false`) for images. The trainer computes those outputs once, before the first step, stores
-them under `RUN/feature_cache/{image,text}/` as raw float32 rows read through `numpy.memmap`, and later
+them under `RUN/locked_features/{image,text}/` as raw float32 rows read through `numpy.memmap`, and later
 steps read rows instead of running the locked layers. Rows are keyed by the sample's key (images) and by
 the caption line itself (text: the line is the tower's only input, so a caption shared by several images is
 computed once). The loss and the gradients are those of the uncached run (tested).
@@ -38,7 +38,7 @@ from mmcl.models import factory
 from mmcl.models.frozen import TowerSplit, split_image_tower, split_text_tower
 
 FORMAT = 1
-FOLDER = "feature_cache"
+FOLDER = "locked_features"
 BATCH = 128  # rows per forward pass of a locked part
 
 
@@ -86,22 +86,22 @@ class Store:
         try:
             where = [self.index[key] for key in keys]
         except KeyError as err:
-            raise RuntimeError(f"feature cache: no {what} row for {err.args[0]!r}; delete "
+            raise RuntimeError(f"locked-feature cache: no {what} row for {err.args[0]!r}; delete "
                                f"RUN/{FOLDER} to rebuild it") from None
         return torch.from_numpy(np.stack([self.arrays[part][row] for part, row in where]))
 
 
 @dataclass
-class FeatureCache:
+class LockedCache:
     splits: Dict[str, TowerSplit]
     stores: Dict[str, Store]
 
     def fill(self, batch: dict) -> dict:
-        """Add the cached outputs of this batch's samples (`image_cached`, `text_cached`)."""
+        """Add the cached outputs of this batch's samples (`image_locked`, `text_locked`)."""
         if "image" in self.stores:
-            batch["image_cached"] = self.stores["image"].rows(batch["key"], "image")
+            batch["image_locked"] = self.stores["image"].rows(batch["key"], "image")
         if "text" in self.stores:
-            batch["text_cached"] = self.stores["text"].rows(batch["caption"], "caption")
+            batch["text_locked"] = self.stores["text"].rows(batch["caption"], "caption")
         return batch
 
 
@@ -222,7 +222,7 @@ def tower_inputs(name: str, recipe: Recipe, pre_cfg: dict, tokenizer) -> dict:
 
 
 def prepare(recipe: Recipe, model: torch.nn.Module, model_cfg: dict, tokenizer, accelerator, run_dir: Path,
-            urls: Sequence[str]) -> Optional[FeatureCache]:
+            urls: Sequence[str]) -> Optional[LockedCache]:
     """Open (or build, where missing or stale) the cache of every tower `towers_to_cache` picks."""
     if not recipe.model.cache_locked:
         return None
@@ -230,7 +230,7 @@ def prepare(recipe: Recipe, model: torch.nn.Module, model_cfg: dict, tokenizer, 
     if not splits:
         raise ConfigError(f"model.cache_locked: no locked tower to cache ({'; '.join(notes)})")
     if accelerator.is_main_process and notes:
-        print(f"feature cache: {'; '.join(notes)}", flush=True)
+        print(f"locked-feature cache: {'; '.join(notes)}", flush=True)
     pre_cfg = factory.preprocess_cfg(model)
     was_training = model.training
     model.eval()
@@ -239,13 +239,16 @@ def prepare(recipe: Recipe, model: torch.nn.Module, model_cfg: dict, tokenizer, 
         folder = run_dir / FOLDER / name
         tower_cfg = model_cfg.get("vision_cfg" if name == "image" else "text_cfg")
         key = fingerprint(name, split, tower_cfg, tower_inputs(name, recipe, pre_cfg, tokenizer), urls)
-        if not is_valid(folder, key):
+        reused = is_valid(folder, key)
+        if not reused:
             build(name, split, recipe, urls, pre_cfg, tokenizer, folder, key, accelerator)
         stores[name] = Store(folder)
         if accelerator.is_main_process:
-            print(f"feature cache: {name}: {len(stores[name])} rows of {split.where} in {folder}", flush=True)
+            how = "reused" if reused else f"built in {json.loads((folder / 'meta.json').read_text())['seconds']} s"
+            print(f"locked-feature cache: {name}: {len(stores[name])} rows of {split.where} in {folder} ({how})",
+                  flush=True)
     model.train(was_training)
-    return FeatureCache(splits, stores)
+    return LockedCache(splits, stores)
 
 
 def is_valid(folder: Path, key: str) -> bool:
@@ -271,7 +274,7 @@ def build(name: str, split: TowerSplit, recipe: Recipe, urls: Sequence[str], pre
     accelerator.wait_for_everyone()
     known = [s for s in shapes if s is not None]
     if not known:
-        raise RuntimeError(f"feature cache: no usable {name} input in {len(urls)} shards")
+        raise RuntimeError(f"locked-feature cache: no usable {name} input in {len(urls)} shards")
     if accelerator.is_main_process:
         meta = {"fingerprint": key, "shape": list(known[0]), "parts": world, "cut": split.where,
                 "seconds": round(time.time() - start, 1)}
