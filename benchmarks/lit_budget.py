@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import learning_budget as lb  # noqa: E402
 
-LOCK = Path("/tmp/mmcl-cpu.lock")
+LOCK, TURNSTILE = Path("/tmp/mmcl-cpu.lock"), Path("/tmp/mmcl-turnstile.lock")
+DOCS_BEGIN, DOCS_END = "<!-- lit_budget:begin -->", "<!-- lit_budget:end -->"
 WORK = common.WORK / "lit_budget"
 DATA = {"cifar10": ("zeroshot_classification", common.SHARED_DATA / "cifar10"),
         "flickr8k": ("zeroshot_retrieval", common.SHARED_DATA / "flickr8k")}
@@ -59,13 +60,29 @@ VARIANTS = {  # ablations of flickr8k_lit: name -> (overrides, what it changes)
 
 @contextlib.contextmanager
 def cpu_lock(exclusive: bool):
-    """The machine's shared CPU lock: exclusive while timing, shared otherwise."""
-    with open(LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    """The machine's fair CPU lock (what /usr/local/bin/flock does for `flock -s|-x /tmp/mmcl-cpu.lock`):
+    exclusive holds the turnstile, so no new shared job starts, and waits up to 120 s for the running ones;
+    shared passes the turnstile and holds the lock shared."""
+    with open(TURNSTILE, "a") as turn, open(LOCK, "a") as lock:
+        if exclusive:
+            fcntl.flock(turn, fcntl.LOCK_EX)
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+                    break
+                except BlockingIOError:
+                    time.sleep(1)
+        else:
+            fcntl.flock(turn, fcntl.LOCK_SH)
+            fcntl.flock(turn, fcntl.LOCK_UN)
+            fcntl.flock(lock, fcntl.LOCK_SH)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(turn, fcntl.LOCK_UN)
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def lit_overrides(out: Path, extra: List[str]) -> List[str]:
@@ -208,6 +225,27 @@ def table(rows: List[dict], budget: float) -> str:
     return "\n".join(lines)
 
 
+def render(report: dict, path: Path = common.REPO / "README.md") -> None:
+    """The table between the lit_budget markers of README.md (the section "Pretrained towers")."""
+    text = path.read_text()
+    if DOCS_BEGIN not in text or DOCS_END not in text:
+        raise SystemExit(f"{path} lacks the {DOCS_BEGIN} / {DOCS_END} markers")
+    m = report["machine"]
+    note = (f"{m['cpu']}, {m['cores']} cores, load average {m['load_average'][0]} at the start; "
+            f"rerun: `python benchmarks/lit_budget.py --ablations`")
+    head, rest = text.split(DOCS_BEGIN, 1)
+    path.write_text(f"{head}{DOCS_BEGIN}\n{table(report['rows'], report['budget_seconds'])}\n\n{note}\n"
+                    f"{DOCS_END}{rest.split(DOCS_END, 1)[1]}")
+
+
+def merged(out: str, rows: List[dict]) -> List[dict]:
+    """Rows of an earlier run of this script that this one did not redo are kept (headline and ablations
+    can run apart)."""
+    earlier = common.read_json(common.result_path(out)) or {}
+    names = {r["name"] for r in rows}
+    return [r for r in earlier.get("rows", []) if r["name"] not in names] + rows
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, default=600.0, help="wall seconds for each training process")
@@ -218,6 +256,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="calibration of the from-scratch run: 2 + 4 steps")
     p.add_argument("--mmcl-threads", type=int, default=None)
     p.add_argument("--grace", type=float, default=1.0)
+    p.add_argument("--render", action="store_true", help="only redraw README.md's table from the JSON")
     return p.parse_args(argv)
 
 
@@ -225,6 +264,8 @@ def main(argv=None) -> dict:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--clip-benchmark-cli":
         return clip_benchmark_cli(sys.argv[2:])
     args = parse_args(argv)
+    if args.render:
+        return render(common.read_json(common.result_path(args.out)))
     WORK.mkdir(parents=True, exist_ok=True)
     info, rows = common.machine_info(), []
     if "lit" in args.only:
@@ -239,9 +280,11 @@ def main(argv=None) -> dict:
     for row in rows:
         row["meets_targets"] = meets_targets(row) if row["recipe"] == "flickr8k_lit" else None
     report = {"machine": info, "budget_seconds": args.budget, "targets": {f"{d} {m}": t for (d, m), t in TARGETS.items()},
-              "rows": rows}
+              "rows": merged(args.out, rows)}
     path = common.write_json(args.out, report)
-    print(table(rows, args.budget))
+    print(table(report["rows"], args.budget))
+    if not args.quick:  # a smoke run does not replace the recorded table
+        render(report)
     print(f"wrote {path}")
     return report
 
