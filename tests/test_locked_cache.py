@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import write_pictures
 from mmcl import runs
-from mmcl.config import load_recipe
+from mmcl.config import ConfigError, load_recipe
 from mmcl.models.frozen import split_image_tower, split_text_tower
 from mmcl.train import locked_cache, loop
 from mmcl.train import setup as S
@@ -138,3 +138,6 @@ def test_cache_is_reused_and_rebuilt_when_the_tower_or_the_data_change(tiny_reci
     with torch.no_grad():
         stem.div_(1.01)
     assert after != before
+
+    with pytest.raises(ConfigError, match="sample key 'pic0000' appears more than once"):
+        loop.start(recipe(**{"data.train": [str(data), str(data)]}))  # the same shards twice: ambiguous keys

@@ -53,7 +53,8 @@ def towers_to_cache(recipe: Recipe, model: torch.nn.Module) -> Tuple[Dict[str, T
         splits["image"] = split_image_tower(model)
     if m.lock_text:
         splits["text"] = split_text_tower(model)
-    notes += [f"{name} tower not cached: its first layer trains" for name, s in splits.items() if s is None]
+    notes += [f"{name} tower not cached: it has no locked part that can be cut off (its first layer trains, or "
+              f"it is a text tower with unlocked layers)" for name, s in splits.items() if s is None]
     return {name: s for name, s in splits.items() if s is not None}, notes
 
 
@@ -70,15 +71,22 @@ class NoTokens:
 class Store:
     """One tower's cached rows: every process's part, memory-mapped; `rows(keys)` gathers a batch."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, unique: bool):
         meta = json.loads((folder / "meta.json").read_text())
         self.shape, self.arrays, self.index = tuple(meta["shape"]), [], {}
+        every = []
         for part in range(meta["parts"]):
             keys = json.loads((folder / f"part-{part}.keys.json").read_text())
             array = np.memmap(folder / f"part-{part}.f32", dtype=np.float32, mode="r",
                               shape=(len(keys),) + self.shape) if keys else np.zeros((0,) + self.shape, np.float32)
             self.index.update({key: (part, row) for row, key in enumerate(keys)})
             self.arrays.append(array)
+            every += keys
+        if unique and len(self.index) < len(every):  # the stream names samples by key alone
+            seen = set()
+            twice = next(k for k in every if k in seen or seen.add(k))
+            raise ConfigError(f"model.cache_locked: sample key {twice!r} appears more than once in the training "
+                              f"shards; the cache finds images by key, so keys must be unique")
 
     def __len__(self) -> int:
         return len(self.index)
@@ -246,7 +254,7 @@ def prepare(recipe: Recipe, model: torch.nn.Module, model_cfg: dict, tokenizer, 
         reused = is_valid(folder, key)
         if not reused:
             build(name, split, recipe, urls, pre_cfg, tokenizer, folder, key, accelerator)
-        stores[name] = Store(folder)
+        stores[name] = Store(folder, unique=name == "image")
         if accelerator.is_main_process:
             how = "reused" if reused else f"built in {json.loads((folder / 'meta.json').read_text())['seconds']} s"
             print(f"locked-feature cache: {name}: {len(stores[name])} rows of {split.where} in {folder} ({how})",
