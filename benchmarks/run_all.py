@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import report  # noqa: E402
 
-STEPS = ["throughput", "budget", "budget_threads", "loss", "eval", "ssl", "ssl_evidence", "gpu"]
+STEPS = ["throughput", "budget", "budget_threads", "loss", "eval", "ssl", "ssl_evidence", "gpu", "lit"]
 OPTIONAL = ("budget_threads", "ssl_evidence")  # run only when named with --only
 
 
@@ -55,6 +55,7 @@ def commands(quick: bool, results: Path) -> Dict[str, List[str]]:
         "ssl": script("ssl_throughput.py") + q + out("ssl_throughput.json"),
         "ssl_evidence": script("ssl_evidence.py") + (["--max-steps", "5"] if quick else []),
         "gpu": script("gpu_check.py") + (["--dry-run"] if quick else []) + out("gpu_check.json"),
+        "lit": script("lit_budget.py") + (["--quick", "--only", "lit"] if quick else []) + out("lit_budget.json"),
     }
     if quick:
         cmds["loss"] = script("loss_scaling.py") + ["--sizes", "1024", "4096", "--repeats", "1", "--no-docs"] + \

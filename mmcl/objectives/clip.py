@@ -5,6 +5,7 @@ import math
 from typing import Dict
 
 import torch
+import torch.nn.functional as F
 
 from mmcl.config import Recipe
 from mmcl.losses import ClipLoss, SigLipLoss, clamp_logit_scale
@@ -24,8 +25,17 @@ class ClipObjective(Objective):
                                 chunk_size=recipe.objective.chunk_size)
 
     def encode(self, batch: dict) -> Features:
-        return {"image": self.model.encode_image(batch["image"], normalize=True),
-                "text": self.model.encode_text(batch["text"], normalize=True)}
+        """Both towers; a tower whose locked part is in the locked-feature cache runs only from the cached output on
+        (`batch["image_locked"]` / `batch["text_locked"]`, put there by mmcl.train.locked_cache)."""
+        if "image_locked" in batch:
+            image = F.normalize(self.locked["image"].trainable(batch["image_locked"]), dim=-1)
+        else:
+            image = self.model.encode_image(batch["image"], normalize=True)
+        if "text_locked" in batch:
+            text = F.normalize(self.locked["text"].trainable(batch["text_locked"]), dim=-1)
+        else:
+            text = self.model.encode_text(batch["text"], normalize=True)
+        return {"image": image, "text": text}
 
     def losses(self, features: Features) -> Dict[str, torch.Tensor]:
         loss = self.loss_fn(features["image"], features["text"], self.model.logit_scale.exp())

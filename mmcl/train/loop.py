@@ -5,14 +5,16 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from mmcl import runs
 from mmcl.config import Recipe
 from mmcl.models import factory
 from mmcl.train import setup as S
+from mmcl.train import locked_cache
 from mmcl.train import step as T
 from mmcl.train import trackers
+from mmcl.train.locked_cache import LockedCache
 from mmcl.train.checkpoint import CheckpointWriteError, set_rng_state
 from mmcl.train.finish import evaluate, finish
 from mmcl.train.logs import RunLog
@@ -36,6 +38,7 @@ class Run:
     state: S.TrainState
     log: RunLog
     run_dir: Path
+    cache: Optional[LockedCache] = None
 
     def save(self) -> None:
         try:
@@ -93,7 +96,9 @@ def prepare(recipe: Recipe):
     state, rng, resume_from = S.TrainState(skipped_samples=Counter()), None, S.resume_point(recipe, run_dir)
     if resume_from is not None:
         state, rng = S.restore(resume_from, objective, optimizer, scheduler, accelerator)
-    spec = S.sample_spec(recipe, objective, model_cfg, factory.make_tokenizer(model_cfg))
+    # the towers the locked-feature cache will serve; the cache itself is built by start(), which may write
+    objective.locked = locked_cache.planned(recipe, objective.model)
+    spec = S.sample_spec(recipe, objective, model_cfg, factory.make_tokenizer(model_cfg), cached=objective.locked)
     run = Run(recipe, accelerator, objective, model_cfg, optimizer, scheduler, plan, spec, state, None, run_dir)
     return run, rng, resume_from
 
@@ -104,6 +109,10 @@ def start(recipe: Recipe):
     if run.accelerator.is_main_process:
         S.write_run_files(recipe, run.run_dir, run.objective.model, run.model_cfg)
     run.accelerator.wait_for_everyone()
+    run.cache = locked_cache.prepare(recipe, run.objective.model, run.model_cfg,
+                                     factory.make_tokenizer(run.model_cfg), run.accelerator, run.run_dir,
+                                     run.plan.urls)
+    run.objective.locked = run.cache.splits if run.cache else {}
     trackers.start(run.accelerator, recipe, run.state.step)
     run.log = RunLog(run.run_dir, run.accelerator.is_main_process, run.plan.total_steps, run.state.step,
                      recipe.train.progress, tracker=run.accelerator if recipe.train.log_with else None)
@@ -129,6 +138,8 @@ def optimizer_step(run: Run, batch: dict):
     """Forward and backward over one global batch, average gradients, update; skip non-finite steps."""
     state, accelerator, objective, t = run.state, run.accelerator, run.objective, run.recipe.train
     state.skipped_samples.update(batch.pop("skipped", {}))
+    if run.cache is not None:
+        run.cache.fill(batch)
     batch = T.to_device(batch, accelerator.device)
     objective.train()
     objective.before_step(state.step, run.plan.total_steps)

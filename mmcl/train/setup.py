@@ -22,6 +22,7 @@ from mmcl.config import ConfigError, Recipe, dump_recipe, first_line
 from mmcl.models import factory
 from mmcl.objectives import Objective, build_objective, model_init_kwargs
 from mmcl.train import checkpoint, trackers
+from mmcl.train.locked_cache import NoTokens
 from mmcl.train.optim import make_optimizer, make_scheduler
 
 
@@ -76,13 +77,15 @@ def plan_data(recipe: Recipe, world: int) -> DataPlan:
     return DataPlan(urls, weights if d.resampled else None, steps * t.batch_size * world, steps, total_steps)
 
 
-def sample_spec(recipe: Recipe, objective: Objective, model_cfg: dict, tokenizer) -> SampleSpec:
+def sample_spec(recipe: Recipe, objective: Objective, model_cfg: dict, tokenizer, cached=()) -> SampleSpec:
+    """What a training sample carries; a tower served by the locked-feature cache (`cached`) needs no pixels or tokens."""
     size, d = factory.image_size(model_cfg), recipe.data
     pp = factory.preprocess_cfg(objective.model)
     mean, std = pp.get("mean"), pp.get("std")
+    image = clip_transform(size, d.augment, mean, std, tuple(d.crop_scale))
     return SampleSpec(
-        image_transform=clip_transform(size, True, mean, std, tuple(d.crop_scale)) if objective.uses_image else None,
-        tokenizer=CachedTokenizer(tokenizer) if objective.uses_text else None,
+        image_transform=image if objective.uses_image and "image" not in cached else None,
+        tokenizer=(NoTokens() if "text" in cached else CachedTokenizer(tokenizer)) if objective.uses_text else None,
         view_transform=view_transform(size, crop_scale=tuple(d.view_crop_scale), mean=mean, std=std)
         if objective.uses_views else None,
         num_views=d.num_views, max_pixels=d.max_pixels)
