@@ -19,7 +19,9 @@ from typing import Callable, Dict, List, Sequence, Union
 
 import numpy as np
 import torch
-from tqdm import tqdm
+
+from eval.features import autocast, encode_rows
+from mmcl.progress import progress_bar
 
 Templates = Union[Sequence[str], Dict[str, Sequence[str]]]
 
@@ -36,8 +38,11 @@ def class_prompts(classname: str, templates: Templates) -> List[str]:
 
 @torch.inference_mode()
 def zeroshot_classifier(model: torch.nn.Module, tokenizer: Callable, classnames: Sequence[str],
-                        templates: Templates, device=None, progress: bool = False) -> torch.Tensor:
-    """The zero-shot weights W [D, C] (float32, on `device`); one text batch per class, like CLIP_benchmark."""
+                        templates: Templates, device=None, progress: bool = False, amp: bool = False) -> torch.Tensor:
+    """The zero-shot weights W [D, C] (float32, on `device`); one text batch per class, like CLIP_benchmark.
+
+    `amp` autocasts the text tower (as CLIP_benchmark does); the means and norms are taken in float32.
+    """
     if not classnames:
         raise ValueError("no class names")
     if not templates:
@@ -45,11 +50,14 @@ def zeroshot_classifier(model: torch.nn.Module, tokenizer: Callable, classnames:
     if device is None:
         device = next(model.parameters()).device
     columns = []
-    for classname in tqdm(classnames, desc="classifier", unit="class", disable=not progress, leave=False):
-        tokens = tokenizer(class_prompts(classname, templates)).to(device)
-        embeddings = model.encode_text(tokens, normalize=True).float()
-        mean = embeddings.mean(dim=0)
-        columns.append(mean / mean.norm())
+    with progress_bar(len(classnames), "classifier", "class", enabled=progress) as bar:
+        for classname in classnames:
+            tokens = tokenizer(class_prompts(classname, templates)).to(device)
+            with autocast(torch.device(device), amp):
+                embeddings = encode_rows(model.encode_text, tokens).float()
+            mean = embeddings.mean(dim=0)
+            columns.append(mean / mean.norm())
+            bar.update(1)
     return torch.stack(columns, dim=1)
 
 
@@ -108,9 +116,9 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> Dict[
 
 def zeroshot_evaluate(model: torch.nn.Module, tokenizer: Callable, image_features: torch.Tensor,
                       targets: torch.Tensor, classnames: Sequence[str], templates: Templates,
-                      device=None, progress: bool = False) -> Dict[str, object]:
+                      device=None, progress: bool = False, amp: bool = False) -> Dict[str, object]:
     """Metrics and per-class recall of zero-shot classification from precomputed image features."""
-    classifier = zeroshot_classifier(model, tokenizer, classnames, templates, device, progress)
+    classifier = zeroshot_classifier(model, tokenizer, classnames, templates, device, progress, amp)
     logits = zeroshot_logits(image_features, classifier.cpu())
     metrics = classification_metrics(logits, targets)
     recall = per_class_recall(logits.argmax(dim=1), targets, len(classnames))

@@ -8,12 +8,11 @@ import json
 import math
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
+from conftest import export_open_clip
 from data_pipelines.writers import ShardWriter
 from eval import evaluate_dataset
 from eval.cli import load_model, main
@@ -43,12 +42,7 @@ def write_split(folder, samples, shard_size):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**MODEL_CFG)
-    folder = tmp_path_factory.mktemp("model")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": MODEL_CFG, "preprocess_cfg": {}}))
-    return folder
+    return export_open_clip(tmp_path_factory.mktemp("model"), MODEL_CFG)
 
 
 @pytest.fixture(scope="module")

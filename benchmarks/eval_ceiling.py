@@ -1,0 +1,75 @@
+"""The ceiling of an evaluation: the same model doing the same work on tensors already in memory.
+
+    PYTHONPATH=. python benchmarks/eval_ceiling.py --model local-dir:DIR --data ROOT --task TASK [--amp]
+
+Reads the split once (untimed) into the exact inputs mmcl's evaluation gives the model: float image batches of
+`--batch-size`, the tokens of every caption of those images (retrieval) or of each class's prompts (zero-shot,
+one text batch per class). Then times only the model over them, under torch.inference_mode() (and bf16
+autocast with --amp), with torch's default threads (every core: nothing else runs). One untimed warm-up call
+per tower first. Prints one JSON line: {"seconds", "images", "images_per_s", "threads"}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from eval.cli import load_model  # noqa: E402
+from eval.datasets import BatchPreprocess, SplitStream, describe_split  # noqa: E402
+from eval.features import autocast  # noqa: E402
+from eval.zeroshot import class_prompts  # noqa: E402
+
+
+def load_inputs(preprocess, tokenizer, root: str, task: str, batch_size: int):
+    """([(images, tokens or None)], [prompt tokens per class]) of the test split, as mmcl batches them."""
+    retrieval = task == "zeroshot_retrieval"
+    info = describe_split(root, "test", "retrieval" if retrieval else "classification")
+    pixels = BatchPreprocess(preprocess)
+    stream = SplitStream(info.urls, pixels, batch_size, labels=not retrieval, captions=retrieval)
+    batches = []
+    for batch in stream:
+        if batch["count"]:
+            tokens = tokenizer([c for cs in batch["captions"] for c in cs]) if retrieval else None
+            batches.append((pixels.finish(batch["pixels"]), tokens))
+    prompts = [] if retrieval else [tokenizer(class_prompts(c, info.templates)) for c in info.classnames]
+    return batches, prompts
+
+
+def time_model(model, batches, prompts, amp: bool) -> float:
+    device = torch.device("cpu")
+    with torch.inference_mode(), autocast(device, amp):
+        model.encode_image(batches[0][0][:8], normalize=True)  # warm-up: first-call allocations
+        model.encode_text((prompts[0] if prompts else batches[0][1])[:8], normalize=True)
+        start = time.perf_counter()
+        for tokens in prompts:
+            model.encode_text(tokens, normalize=True).float()
+        for images, tokens in batches:
+            model.encode_image(images, normalize=True).float()
+            if tokens is not None:
+                model.encode_text(tokens, normalize=True).float()
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--task", required=True, choices=["zeroshot_classification", "zeroshot_retrieval"])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--amp", action="store_true")
+    args = p.parse_args()
+    model, preprocess, tokenizer = load_model(args.model, "cpu")
+    batches, prompts = load_inputs(preprocess, tokenizer, args.data, args.task, args.batch_size)
+    seconds = time_model(model.eval(), batches, prompts, args.amp)
+    images = sum(len(images) for images, _ in batches)
+    print(json.dumps({"seconds": seconds, "images": images, "images_per_s": images / seconds,
+                      "threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()
