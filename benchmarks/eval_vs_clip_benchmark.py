@@ -134,7 +134,8 @@ def read_run(tool: str, out: Path, stdout: str, images: int) -> dict:
     """(eval seconds, metrics) of a finished run from what the tool wrote."""
     if tool == "mmcl":
         record = json.loads(next(out.glob("*.json")).read_text())
-        return {"eval_seconds": record["mmcl"]["seconds"], "metrics": record["metrics"]}
+        return {"eval_seconds": record["mmcl"]["seconds"], "metrics": record["metrics"],
+                "threads": record["mmcl"].get("threads")}
     if tool == "clip_benchmark":
         seconds = json.loads((out / "timing.json").read_text())["eval_seconds"]
         return {"eval_seconds": seconds, "metrics": json.loads((out / "result.json").read_text())["metrics"]}
@@ -171,6 +172,7 @@ def summarize_cell(runs: dict, images: int) -> dict:
         cell[tool] = {"whole_seconds": common.summarize([r["whole_seconds"] for r in rs]),
                       "images_per_s": common.summarize([r["images_per_s"] for r in rs]),
                       "load_average": [r["load_average"] for r in rs], "metrics": rs[0]["metrics"]}
+    cell["mmcl"]["threads"] = runs["mmcl"][0].get("threads")
     ips = {tool: cell[tool]["images_per_s"]["median"] for tool in runs}
     whole = {tool: cell[tool]["whole_seconds"]["median"] for tool in runs}
     cell["speedup_images_per_s"] = ips["mmcl"] / ips["clip_benchmark"]
@@ -217,6 +219,7 @@ def main() -> None:
     path = common.result_path(args.out)
     report = common.read_json(path) or {}
     cells = report.get("cells", {}) if report.get("version") == 2 else {}
+    machine = common.machine_info()  # the load average at the start
     for size in args.sizes:
         model = export_model(size, common.WORK / "eval_models" / size)
         for dataset, first in SIZES[size][1]:
@@ -226,7 +229,7 @@ def main() -> None:
                     continue
                 cells[key] = run_cell(size, model, dataset, first, precision, args.repeats)
                 add_drift(cells)
-                common.write_json(args.out, {"version": 2, "machine": common.machine_info(), "batch_size": BATCH,
+                common.write_json(args.out, {"version": 2, "machine": machine, "batch_size": BATCH,
                                              "repeats": args.repeats, "cells": cells})
     print(table(cells))
 
