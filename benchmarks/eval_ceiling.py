@@ -3,10 +3,11 @@
     PYTHONPATH=. python benchmarks/eval_ceiling.py --model local-dir:DIR --data ROOT --task TASK [--amp]
 
 Reads the split once (untimed) into the exact inputs mmcl's evaluation gives the model: float image batches of
-`--batch-size`, the tokens of every caption of those images (retrieval) or of each class's prompts (zero-shot,
-one text batch per class). Then times only the model over them, under torch.inference_mode() (and bf16
-autocast with --amp), with torch's default threads (every core: nothing else runs). One untimed warm-up call
-per tower first. Prints one JSON line: {"seconds", "images", "images_per_s", "threads"}.
+`--batch-size`, the tokens of every caption of those images (retrieval) or the class prompts in batches of
+eval.zeroshot.PROMPT_BATCH (zero-shot), each encoded as mmcl encodes it (eval.features.encode_rows). Then
+times only the model over them, under torch.inference_mode() (and bf16 autocast with --amp), with torch's
+default threads (every core: nothing else runs). One untimed warm-up call per tower first.
+Prints one JSON line: {"seconds", "images", "images_per_s", "threads"}.
 """
 from __future__ import annotations
 
@@ -21,12 +22,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval.cli import load_model  # noqa: E402
 from eval.datasets import BatchPreprocess, SplitStream, describe_split  # noqa: E402
-from eval.features import autocast  # noqa: E402
-from eval.zeroshot import class_prompts  # noqa: E402
+from eval.features import autocast, encode_rows  # noqa: E402
+from eval.zeroshot import PROMPT_BATCH, class_prompts  # noqa: E402
 
 
 def load_inputs(preprocess, tokenizer, root: str, task: str, batch_size: int):
-    """([(images, tokens or None)], [prompt tokens per class]) of the test split, as mmcl batches them."""
+    """([(images, tokens or None)], [prompt token batches]) of the test split, as mmcl batches them."""
     retrieval = task == "zeroshot_retrieval"
     info = describe_split(root, "test", "retrieval" if retrieval else "classification")
     pixels = BatchPreprocess(preprocess)
@@ -36,7 +37,8 @@ def load_inputs(preprocess, tokenizer, root: str, task: str, batch_size: int):
         if batch["count"]:
             tokens = tokenizer([c for cs in batch["captions"] for c in cs]) if retrieval else None
             batches.append((pixels.finish(batch["pixels"]), tokens))
-    prompts = [] if retrieval else [tokenizer(class_prompts(c, info.templates)) for c in info.classnames]
+    flat = [] if retrieval else [p for c in info.classnames for p in class_prompts(c, info.templates)]
+    prompts = [tokenizer(flat[i:i + PROMPT_BATCH]) for i in range(0, len(flat), PROMPT_BATCH)]
     return batches, prompts
 
 
@@ -47,11 +49,11 @@ def time_model(model, batches, prompts, amp: bool) -> float:
         model.encode_text((prompts[0] if prompts else batches[0][1])[:8], normalize=True)
         start = time.perf_counter()
         for tokens in prompts:
-            model.encode_text(tokens, normalize=True).float()
+            encode_rows(model.encode_text, tokens).float()
         for images, tokens in batches:
-            model.encode_image(images, normalize=True).float()
+            encode_rows(model.encode_image, images).float()
             if tokens is not None:
-                model.encode_text(tokens, normalize=True).float()
+                encode_rows(model.encode_text, tokens).float()
         return time.perf_counter() - start
 
 

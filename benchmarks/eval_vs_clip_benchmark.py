@@ -71,7 +71,8 @@ def export_model(size: str, folder: Path) -> str:
         torch.manual_seed(0)
         model = open_clip.CLIP(**cfg)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+        weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(folder / "open_clip_model.safetensors"))
         (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
     return f"local-dir:{folder}"
 

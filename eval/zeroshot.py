@@ -36,12 +36,17 @@ def class_prompts(classname: str, templates: Templates) -> List[str]:
         raise ValueError(f"templates must use {{c}} and no other braces: {err}") from None
 
 
+PROMPT_BATCH = 256
+
+
 @torch.inference_mode()
 def zeroshot_classifier(model: torch.nn.Module, tokenizer: Callable, classnames: Sequence[str],
                         templates: Templates, device=None, progress: bool = False, amp: bool = False) -> torch.Tensor:
-    """The zero-shot weights W [D, C] (float32, on `device`); one text batch per class, like CLIP_benchmark.
+    """The zero-shot weights W [D, C] (float32, on `device`).
 
-    `amp` autocasts the text tower (as CLIP_benchmark does); the means and norms are taken in float32.
+    The prompts of all classes are embedded in batches of PROMPT_BATCH (CLIP_benchmark makes one small batch
+    per class: the same embeddings up to float rounding, in fewer, larger matmuls); `amp` autocasts the text
+    tower as CLIP_benchmark does; the means and norms are taken in float32.
     """
     if not classnames:
         raise ValueError("no class names")
@@ -49,16 +54,18 @@ def zeroshot_classifier(model: torch.nn.Module, tokenizer: Callable, classnames:
         raise ValueError("no templates")
     if device is None:
         device = next(model.parameters()).device
-    columns = []
-    with progress_bar(len(classnames), "classifier", "class", enabled=progress) as bar:
-        for classname in classnames:
-            tokens = tokenizer(class_prompts(classname, templates)).to(device)
+    prompts = [class_prompts(classname, templates) for classname in classnames]
+    flat = [prompt for class_list in prompts for prompt in class_list]
+    embeddings = []
+    with progress_bar(len(flat), "classifier", "prompt", enabled=progress) as bar:
+        for start in range(0, len(flat), PROMPT_BATCH):
+            tokens = tokenizer(flat[start:start + PROMPT_BATCH]).to(device)
             with autocast(torch.device(device), amp):
-                embeddings = encode_rows(model.encode_text, tokens).float()
-            mean = embeddings.mean(dim=0)
-            columns.append(mean / mean.norm())
-            bar.update(1)
-    return torch.stack(columns, dim=1)
+                embeddings.append(encode_rows(model.encode_text, tokens).float())
+            bar.update(len(tokens))
+    columns = [class_embeddings.mean(dim=0) for class_embeddings in
+               torch.cat(embeddings).split([len(class_list) for class_list in prompts])]
+    return torch.stack([mean / mean.norm() for mean in columns], dim=1)
 
 
 def zeroshot_logits(image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:

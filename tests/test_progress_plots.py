@@ -153,3 +153,28 @@ def test_retrieval_result_figure_separates_recalls_ranks_and_geometry():
     assert sorted(kinds["rank (1 is best)"][0]) == [30.0, 40.0, 90.0, 120.0] and kinds["rank (1 is best)"][2] == "log"
     assert kinds["recall@k (0-1)"][1] == (0, 1.02)
     plt.close(fig)
+
+
+@pytest.mark.slow
+def test_evaluating_during_training_draws_a_curve(tiny_recipe, digits_root, run_mmcl, tmp_path):
+    """The quickstart's recipe evaluates every few steps; here a tiny run does it every 2 of its 6 steps."""
+    import matplotlib.pyplot as plt
+
+    from mmcl.config import load_recipe
+    from mmcl.train.logs import read_metrics
+
+    quick = load_recipe(str(REPO / "recipes" / "digits_clip_tiny.yaml"), [])
+    assert 0 < quick.eval.every and 4000 // quick.train.batch_size * quick.train.epochs // quick.eval.every >= 5
+    recipe = tiny_recipe({"eval": {"datasets": [digits_root], "retrieval": [digits_root], "every": 2,
+                                   "max_samples": 100, "batch_size": 50}})
+    done = run_mmcl(["train", recipe])
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    steps = [r["step"] for r in read_metrics(run) if "eval/digits/acc1" in r]
+    assert steps == [2, 4, 6]
+    fig = eval_figure(read_metrics(run))
+    found = panels(fig)
+    assert set(found) == {"accuracy", "recall@k", "ranks"}
+    assert all(len(line.get_xdata()) == 3 for ax in fig.axes for line in ax.get_lines())
+    assert (run / "plots" / "eval.png").is_file()
+    plt.close(fig)
