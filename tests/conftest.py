@@ -27,6 +27,16 @@ TINY_MODEL = {
 DELETE = object()  # a recipe change that removes the key
 
 
+def write_shards(folder: Path, samples: List[dict], shard_size: int) -> Path:
+    """Samples (webdataset dicts) written as shards `folder/0.tar`, `folder/1.tar`, ... with nshards.txt."""
+    from data_pipelines.writers import ShardWriter
+
+    with ShardWriter(str(folder), shard_size=shard_size) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return folder
+
+
 def export_open_clip(folder: Path, model_cfg: Dict[str, Any], seed: int = 0) -> Path:
     """A seeded random open_clip CLIP saved as a `local-dir:` export (config + safetensors) in `folder`."""
     import json

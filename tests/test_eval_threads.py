@@ -10,8 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import export_open_clip
-from data_pipelines.writers import ShardWriter
+from conftest import export_open_clip, write_shards
 from eval import evaluate_dataset
 from eval.cli import load_model, main
 from eval.datasets import describe_split
@@ -30,20 +29,16 @@ def jpeg(rng, size=24) -> bytes:
     return buf.getvalue()
 
 
-def write(root, samples, shard_size):
-    with ShardWriter(str(root / "test"), shard_size=shard_size) as writer:
-        for sample in samples:
-            writer.write(sample)
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(export folder, (model, preprocess, tokenizer)) of the seeded test model."""
+    folder = export_open_clip(tmp_path_factory.mktemp("model"), MODEL_CFG)
+    return folder, load_model(f"local-dir:{folder}", "cpu")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return export_open_clip(tmp_path_factory.mktemp("model"), MODEL_CFG)
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    return load_model(f"local-dir:{model_dir}", "cpu")
+def loaded(exported):
+    return exported[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +47,7 @@ def captions(tmp_path_factory):
     root, rng = tmp_path_factory.mktemp("captions"), np.random.default_rng(0)
     samples = [{"__key__": f"k{i:03d}", "jpg": jpeg(rng) if i != 7 else b"broken",
                 "txt": "\n".join(" ".join(rng.choice(WORDS, 4)) for _ in range(1 + i % 3))} for i in range(45)]
-    write(root, samples, shard_size=12)
+    write_shards(root / "test", samples, shard_size=12)
     last = root / "test" / "3.tar"
     last.write_bytes(last.read_bytes()[:5000])  # a truncated shard: a read error, the rest of it skipped
     (root / "dataset_type.txt").write_text("retrieval\n")
@@ -62,7 +57,8 @@ def captions(tmp_path_factory):
 @pytest.fixture(scope="module")
 def classes(tmp_path_factory):
     root, rng = tmp_path_factory.mktemp("classes"), np.random.default_rng(1)
-    write(root, [{"__key__": f"c{i:03d}", "jpg": jpeg(rng), "cls": str(i % 5)} for i in range(40)], shard_size=10)
+    write_shards(root / "test", [{"__key__": f"c{i:03d}", "jpg": jpeg(rng), "cls": str(i % 5)} for i in range(40)],
+                 shard_size=10)
     (root / "classnames.txt").write_text("\n".join(WORDS[:5]) + "\n")
     (root / "zeroshot_classification_templates.txt").write_text("a {c} thing.\na photo of {c}.\n")
     return root
@@ -162,7 +158,8 @@ def test_a_pass_reports_its_threads(classes, loaded, restore_threads):
     assert torch.get_num_threads() == 2
 
 
-def test_cli_threads_option(classes, model_dir, tmp_path, capsys):
+def test_cli_threads_option(classes, exported, tmp_path, capsys):
+    model_dir = exported[0]
     out = tmp_path / "out"
     assert main(["eval", "zeroshot", "--model", f"local-dir:{model_dir}", "--data", str(classes), "--threads", "1",
                  "--workers", "0", "--no-progress", "--out", str(out)]) == 0
