@@ -5,8 +5,10 @@
 Reads the split once (untimed) into the exact inputs mmcl's evaluation gives the model: float image batches of
 `--batch-size`, the tokens of every caption of those images (retrieval) or the class prompts in batches of
 eval.zeroshot.PROMPT_BATCH (zero-shot), each encoded as mmcl encodes it (eval.features.encode_rows). Then
-times only the model over them, under torch.inference_mode() (and bf16 autocast with --amp), with torch's
-default threads (every core: nothing else runs). One untimed warm-up call per tower first.
+times only the model over them, under torch.inference_mode() (and bf16 autocast with --amp), with the threads
+mmcl's policy picks for this model and `--workers` (eval.threads: every core for model-bound models, the
+cores the loaders would leave free for loading-bound ones), so that mmcl / ceiling measures what loading
+costs. One untimed warm-up call per tower first.
 Prints one JSON line: {"seconds", "images", "images_per_s", "threads"}.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval.cli import load_model  # noqa: E402
 from eval.datasets import BatchPreprocess, SplitStream, describe_split  # noqa: E402
 from eval.features import autocast, encode_rows  # noqa: E402
+from eval.threads import ThreadPolicy  # noqa: E402
 from eval.zeroshot import PROMPT_BATCH, class_prompts  # noqa: E402
 
 
@@ -42,8 +45,9 @@ def load_inputs(preprocess, tokenizer, root: str, task: str, batch_size: int):
     return batches, prompts
 
 
-def time_model(model, batches, prompts, amp: bool) -> float:
+def time_model(model, batches, prompts, amp: bool, workers: int) -> float:
     device = torch.device("cpu")
+    ThreadPolicy.for_pass(device, workers).choose(model, batches[0][0])
     with torch.inference_mode(), autocast(device, amp):
         model.encode_image(batches[0][0][:8], normalize=True)  # warm-up: first-call allocations
         model.encode_text((prompts[0] if prompts else batches[0][1])[:8], normalize=True)
@@ -64,10 +68,11 @@ def main() -> None:
     p.add_argument("--task", required=True, choices=["zeroshot_classification", "zeroshot_retrieval"])
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--amp", action="store_true")
+    p.add_argument("--workers", type=int, default=2, help="the workers mmcl runs with (for its thread rule)")
     args = p.parse_args()
     model, preprocess, tokenizer = load_model(args.model, "cpu")
     batches, prompts = load_inputs(preprocess, tokenizer, args.data, args.task, args.batch_size)
-    seconds = time_model(model.eval(), batches, prompts, args.amp)
+    seconds = time_model(model.eval(), batches, prompts, args.amp, args.workers)
     images = sum(len(images) for images, _ in batches)
     print(json.dumps({"seconds": seconds, "images": images, "images_per_s": images / seconds,
                       "threads": torch.get_num_threads()}))

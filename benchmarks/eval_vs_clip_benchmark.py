@@ -19,7 +19,8 @@ from repeat to repeat, `--repeats` times (the median is kept):
   `--amp` for bf16, mmcl's own thread policy);
 - clip_benchmark: its whole CLI (benchmarks/clip_benchmark_cli.py: its `eval` command with `accuracy()`
   patched for numpy 2), same batch and workers, `--no_amp` for fp32 (its default, amp, is bf16 on a CPU);
-- ceiling: benchmarks/eval_ceiling.py, the same model on the same inputs already in memory.
+- ceiling: benchmarks/eval_ceiling.py, the same model on the same inputs already in memory, with the threads
+  mmcl's policy gives it.
 Reported: the whole command's seconds (process start to exit), images/s of the evaluation itself (from
 reading the data to the metrics; model loading excluded; for the ceiling, the model's work only), and the
 metrics: mmcl against clip_benchmark at the same precision, and bf16 against fp32 for each tool.
@@ -128,7 +129,7 @@ def command(tool: str, model: str, root: Path, task: str, bf16: bool, workers: i
                 task, "--batch_size", str(BATCH), "--num_workers", str(workers), "--recall_k", *map(str, RECALL_K),
                 "--output", str(out / "result.json"), "--quiet"] + ([] if bf16 else ["--no_amp"])
     return [sys.executable, str(common.BENCH / "eval_ceiling.py"), "--model", model, "--data", str(root), "--task",
-            task, "--batch-size", str(BATCH)] + (["--amp"] if bf16 else [])
+            task, "--batch-size", str(BATCH), "--workers", str(workers)] + (["--amp"] if bf16 else [])
 
 
 def read_run(tool: str, out: Path, stdout: str, images: int) -> dict:
@@ -200,11 +201,14 @@ def run_cell(size: str, model: str, dataset: str, first, precision: str, repeats
 
 
 def add_drift(cells: dict) -> None:
-    """bf16 against fp32, per tool: the largest metric difference (the cost of autocast)."""
+    """bf16 against fp32, per tool: the largest difference over CLIP_benchmark's metrics (the cost of autocast;
+    mmcl's extra metrics, ranks, are left out so that both tools are judged on the same numbers)."""
     for key, cell in cells.items():
         if cell["precision"] == "bf16" and key.replace("/bf16", "/fp32") in cells:
             fp32 = cells[key.replace("/bf16", "/fp32")]
-            cell["bf16_drift"] = {tool: max_difference(cell[tool]["metrics"], fp32[tool]["metrics"])
+            shared = fp32["clip_benchmark"]["metrics"]
+            cell["bf16_drift"] = {tool: max_difference({k: cell[tool]["metrics"][k] for k in shared},
+                                                       {k: fp32[tool]["metrics"][k] for k in shared})
                                   for tool in ("mmcl", "clip_benchmark")}
 
 

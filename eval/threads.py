@@ -35,10 +35,12 @@ MODEL_BOUND_FLOPS_PER_PIXEL = 10_000
 
 
 def image_flops(model: torch.nn.Module, images: torch.Tensor) -> float:
-    """FLOPs of the image tower for one image (counted by torch, whatever the tower is)."""
+    """FLOPs of the image tower for one image (counted by torch, whatever the tower is; in float32: under
+    autocast the attention takes another path that counts differently)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    no_autocast = torch.autocast(images.device.type, enabled=False)
+    with torch.inference_mode(), no_autocast, FlopCounterMode(display=False) as counter:
         model.encode_image(images[:1])
     return float(counter.get_total_flops())
 
