@@ -1,216 +1,259 @@
-"""mmcl's evaluation against clip_benchmark 1.6.2: same model, same data, same metrics, images per second.
+"""mmcl eval at three model sizes: against clip_benchmark 1.6.2 and against the model's own ceiling, fp32 and bf16.
 
-    PYTHONPATH=. python benchmarks/eval_vs_clip_benchmark.py [--repeats 3] [--batch-size 256]
+    PYTHONPATH=. python benchmarks/eval_vs_clip_benchmark.py [--sizes tiny32 small64 vit_b32]
+        [--precisions fp32 bf16] [--repeats 3] [--redo]
 
-The model is a tiny but real open_clip CLIP (ViT: 32 px, patch 8, width 64, 2 layers; text: width 64,
-2 layers, context 32; embedding 32), built with a fixed seed and saved as a `local-dir:` export, so both
-tools load the same weights with the same preprocess and tokenizer. Data: the CIFAR-10 test split (10,000
-images, 4 shards) and the Flickr8k test split (1,000 images, 5,000 captions, 1 shard) from ../shared/data.
+Models: seeded random open_clip CLIPs saved as `local-dir:` exports, so both tools load the same weights,
+preprocess and tokenizer:
+- tiny32: ViT 32 px, patch 8, width 64, 2 layers; text width 64, 2 layers; embedding 32 (loading dominates);
+- small64: ViT 64 px, patch 8, width 192, 4 layers, head width 64; text context 32, width 192, 3 heads, 4 layers;
+  embedding 192 (the model dominates);
+- vit_b32: open_clip's ViT-B-32 architecture at 224 px (the model dominates by far).
+Data (../shared/data): the CIFAR-10 test split (zero-shot) and the Flickr8k test split (retrieval); for vit_b32
+the first 1,000 CIFAR-10 test images and the first 100 Flickr8k test images (500 captions), copied byte for byte
+into runs/benchmarks/eval_data/ (a ViT-B/32 pass over all 5,000 Flickr8k captions takes minutes on 2 cores).
 
-Each timed run is a fresh process (no warm tokenizer cache or page-cache advantage for the second tool:
-every shard is read once before timing), the tools alternate, and the median of `--repeats` runs is kept.
-Timed: from building the dataset to the metrics, model loading excluded. Both sides use fp32 (clip_benchmark
-`amp=False`; its default autocast would use bfloat16 on a CPU), the same batch size and the same number of
-DataLoader workers. clip_benchmark reads through its own `build_dataset("wds/<name>", root=...)` and the
-DataLoader its CLI builds. Its `accuracy()` fails on numpy 2 (float of a 1-element array); it is patched.
-clip_benchmark runs with torch's default CPU threads unless --cb-threads is given; mmcl uses its own
-policy (the cores that loading leaves free).
-
-Reported: images per second of wall time (the requirement: mmcl >= 2x) and images per CPU-second (process
-plus DataLoader workers), which depends less on what else the machine runs.
-Writes benchmarks/results/eval_vs_clip_benchmark.json and prints a markdown table.
+Each cell (size, dataset, precision) runs three things, each in a fresh process, in an order that rotates
+from repeat to repeat, `--repeats` times (the median is kept):
+- mmcl: the whole `python -m mmcl eval zeroshot|retrieval ...` command (batch 256, workers = min(2, shards),
+  `--amp` for bf16, mmcl's own thread policy);
+- clip_benchmark: its whole CLI (benchmarks/clip_benchmark_cli.py: its `eval` command with `accuracy()`
+  patched for numpy 2), same batch and workers, `--no_amp` for fp32 (its default, amp, is bf16 on a CPU);
+- ceiling: benchmarks/eval_ceiling.py, the same model on the same inputs already in memory, with the threads
+  mmcl's policy gives it.
+Reported: the whole command's seconds (process start to exit), images/s of the evaluation itself (from
+reading the data to the metrics; model loading excluded; for the ceiling, the model's work only), and the
+metrics: mmcl against clip_benchmark at the same precision, and bf16 against fp32 for each tool.
+Results: benchmarks/results/eval_vs_clip_benchmark.json, written after every cell; cells already there are
+kept unless --redo, so an interrupted run resumes, and `--sizes` runs the sizes one at a time.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
-import resource
-import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+from pathlib import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
-RESULTS = os.path.join(ROOT, "benchmarks", "results", "eval_vs_clip_benchmark.json")
-MODEL_CFG = {"embed_dim": 32,
-             "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
-# (dataset folder, clip_benchmark task, worker counts). Flickr8k's test split is one shard: clip_benchmark's
-# webdataset loader fails with more workers than shards, so it gets 0 and 1.
-CONFIGS = [("cifar10", "zeroshot_classification", (0, 2)), ("flickr8k", "zeroshot_retrieval", (0, 1))]
-RECALL_K = [1, 5, 10]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+TINY = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+SMALL = {"embed_dim": 192,
+         "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 192, "layers": 4, "head_width": 64},
+         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 192, "heads": 3, "layers": 4}}
+# size -> (model config or open_clip architecture name, [(dataset, first N test images or None)])
+SIZES = {"tiny32": (TINY, [("cifar10", None), ("flickr8k", None)]),
+         "small64": (SMALL, [("cifar10", None), ("flickr8k", None)]),
+         "vit_b32": ("ViT-B-32", [("cifar10", 1000), ("flickr8k", 100)])}
+TASKS = {"cifar10": "zeroshot_classification", "flickr8k": "zeroshot_retrieval"}
+TOOLS = ("clip_benchmark", "mmcl", "ceiling")
+BATCH, RECALL_K = 256, (1, 5, 10)
+EVAL_DATA = common.WORK / "eval_data"
+RESULTS = "eval_vs_clip_benchmark.json"
 
 
-def export_model(folder: str) -> str:
+def export_model(size: str, folder: Path) -> str:
+    """The size's model, seeded, as an open_clip `local-dir:` export (made once)."""
     import open_clip
     import torch
     from safetensors.torch import save_file
 
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**MODEL_CFG)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              os.path.join(folder, "open_clip_model.safetensors"))
-    with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
-        json.dump({"model_cfg": MODEL_CFG, "preprocess_cfg": {}}, f)
+    cfg = SIZES[size][0]
+    cfg = open_clip.get_model_config(cfg) if isinstance(cfg, str) else cfg
+    if not (folder / "open_clip_config.json").is_file():
+        torch.manual_seed(0)
+        model = open_clip.CLIP(**cfg)
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(folder / "open_clip_model.safetensors"))
+        (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
     return f"local-dir:{folder}"
 
 
-def numpy2_accuracy(output, target, topk=(1,)):
-    """clip_benchmark's accuracy() with `[0]` added: numpy 2 refuses float() of a 1-element array."""
-    pred = output.topk(max(topk), 1, True, True)[1].t()
-    correct = pred.eq(target.view(1, -1).expand_as(pred))
-    return [float(correct[:k].reshape(-1).float().sum(0, keepdim=True).cpu().numpy()[0]) / len(target)
-            for k in topk]
+def first_samples(dataset: str, count: int, shards: int) -> Path:
+    """The first `count` test samples of a shared dataset, tar members copied as they are, in `shards` shards."""
+    source, out = common.SHARED_DATA / dataset, EVAL_DATA / f"{dataset}_first{count}"
+    if (out / "test" / "sizes.json").is_file():
+        return out
+    members = []
+    for url in sorted((source / "test").glob("*.tar"), key=lambda p: int(p.stem)):
+        with tarfile.open(url) as tar:
+            for info in tar:
+                members.append((info, tar.extractfile(info).read()))
+        keys = list(dict.fromkeys(info.name.split(".", 1)[0] for info, _ in members))
+        if len(keys) > count:
+            break
+    keep = set(keys[:count])
+    members = [(info, data) for info, data in members if info.name.split(".", 1)[0] in keep]
+    per_shard = -(-len(members) // shards)
+    (out / "test").mkdir(parents=True, exist_ok=True)
+    for i in range(shards):
+        with tarfile.open(out / "test" / f"{i}.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+            for info, data in members[i * per_shard:(i + 1) * per_shard]:
+                tar.addfile(info, io.BytesIO(data))
+    (out / "test" / "nshards.txt").write_text(f"{shards}\n")
+    (out / "test" / "sizes.json").write_text(json.dumps({"samples": count}))
+    for extra in ("classnames.txt", "zeroshot_classification_templates.txt", "dataset_type.txt"):
+        if (source / extra).is_file():
+            (out / extra).write_text((source / extra).read_text())
+    return out
 
 
-def run_clip_benchmark(model, preprocess, tokenizer, root, task, batch_size, workers, threads):
-    import torch
-    from clip_benchmark.datasets.builder import build_dataset
-    from clip_benchmark.metrics import zeroshot_classification as zc
-    from clip_benchmark.metrics import zeroshot_retrieval as zr
-
-    zc.accuracy = numpy2_accuracy
-    if threads:
-        torch.set_num_threads(threads)
-    start = time.perf_counter()
-    ds = build_dataset(f"wds/{os.path.basename(root)}", root=root, transform=preprocess, split="test", task=task)
-    loader = torch.utils.data.DataLoader(ds.batched(batch_size), batch_size=None, shuffle=False,
-                                         num_workers=workers)
-    if task == "zeroshot_classification":
-        metrics = zc.evaluate(model, loader, tokenizer, ds.classes, ds.templates, "cpu", amp=False)
-    else:
-        metrics = zr.evaluate(model, loader, tokenizer, "cpu", amp=False, recall_k_list=RECALL_K)
-    return metrics, time.perf_counter() - start
+def dataset_root(dataset: str, first) -> Path:
+    if first is None:
+        return common.SHARED_DATA / dataset
+    return first_samples(dataset, first, shards=2 if dataset == "cifar10" else 1)
 
 
-def run_mmcl(model, preprocess, tokenizer, root, task, batch_size, workers):
-    from eval import evaluate_dataset
-
-    start = time.perf_counter()
-    result = evaluate_dataset(model, preprocess, tokenizer, root, split="test", task=task, batch_size=batch_size,
-                              workers=workers, recall_k=RECALL_K)
-    return result["metrics"], time.perf_counter() - start
+def shard_count(root: Path) -> int:
+    return int((root / "test" / "nshards.txt").read_text())
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process and its finished children (the DataLoader workers, once joined)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+def command(tool: str, model: str, root: Path, task: str, bf16: bool, workers: int, out: Path) -> list:
+    if tool == "mmcl":
+        name = "zeroshot" if task == "zeroshot_classification" else "retrieval"
+        return [sys.executable, "-m", "mmcl", "eval", name, "--model", model, "--data", str(root), "--batch-size",
+                str(BATCH), "--workers", str(workers), "--no-progress", "--out", str(out)] + \
+            (["--recall-k", *map(str, RECALL_K)] if name == "retrieval" else []) + (["--amp"] if bf16 else [])
+    if tool == "clip_benchmark":
+        return [sys.executable, str(common.BENCH / "clip_benchmark_cli.py"), "eval", "--dataset",
+                f"wds/{root.name}", "--dataset_root", str(root), "--model", model, "--pretrained", "", "--task",
+                task, "--batch_size", str(BATCH), "--num_workers", str(workers), "--recall_k", *map(str, RECALL_K),
+                "--output", str(out / "result.json"), "--quiet"] + ([] if bf16 else ["--no_amp"])
+    return [sys.executable, str(common.BENCH / "eval_ceiling.py"), "--model", model, "--data", str(root), "--task",
+            task, "--batch-size", str(BATCH), "--workers", str(workers)] + (["--amp"] if bf16 else [])
 
 
-def run_one(args) -> None:
-    """One timed evaluation in this (fresh) process; prints a JSON line."""
-    import warnings
-
-    from eval.cli import load_model
-
-    warnings.filterwarnings("ignore")  # webdataset's shardshuffle notice on clip_benchmark's side
-    model, preprocess, tokenizer = load_model(args.model, "cpu")
-    root = os.path.join(DATA, args.dataset)
-    cpu_before = cpu_seconds()
-    if args.one == "clip_benchmark":
-        metrics, seconds = run_clip_benchmark(model, preprocess, tokenizer, root, args.task, args.batch_size,
-                                              args.workers, args.cb_threads)
-    else:
-        metrics, seconds = run_mmcl(model, preprocess, tokenizer, root, args.task, args.batch_size, args.workers)
-    print(json.dumps({"metrics": metrics, "seconds": seconds, "cpu_seconds": cpu_seconds() - cpu_before}))
+def read_run(tool: str, out: Path, stdout: str, images: int) -> dict:
+    """(eval seconds, metrics) of a finished run from what the tool wrote."""
+    if tool == "mmcl":
+        record = json.loads(next(out.glob("*.json")).read_text())
+        return {"eval_seconds": record["mmcl"]["seconds"], "metrics": record["metrics"],
+                "threads": record["mmcl"].get("threads")}
+    if tool == "clip_benchmark":
+        seconds = json.loads((out / "timing.json").read_text())["eval_seconds"]
+        return {"eval_seconds": seconds, "metrics": json.loads((out / "result.json").read_text())["metrics"]}
+    return {"eval_seconds": json.loads(stdout.strip().splitlines()[-1])["seconds"], "metrics": {}}
 
 
-def timed_run(tool, dataset, task, workers, model, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", tool, "--dataset", dataset, "--task", task,
-           "--workers", str(workers), "--model", model, "--batch-size", str(args.batch_size)]
-    if args.cb_threads:
-        cmd += ["--cb-threads", str(args.cb_threads)]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=ROOT)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def timed_run(tool: str, model: str, root: Path, task: str, bf16: bool, images: int) -> dict:
+    """One fresh process of `tool`; its whole wall time, its evaluation's images/s, its metrics."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        cmd = command(tool, model, root, task, bf16, min(2, shard_count(root)), out)
+        load = os.getloadavg()[0]
+        start = time.perf_counter()
+        done = subprocess.run(cmd, cwd=common.REPO, capture_output=True, text=True,
+                              env=common.child_env(CB_TIMING=str(out / "timing.json")))
+        whole = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"{tool} failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-3000:]}")
+        run = read_run(tool, out, done.stdout, images)
+    run.update(whole_seconds=whole, images_per_s=images / run["eval_seconds"], load_average=round(load, 2))
+    return run
 
 
-def same_metrics(ours: dict, theirs: dict, tol: float = 1e-6) -> float:
-    """Largest difference over clip_benchmark's metric names (NaN equals NaN); raises if above tol."""
-    worst = 0.0
-    for key, value in theirs.items():
-        mine = ours[key]
-        if math.isnan(value) and math.isnan(mine):
-            continue
-        worst = max(worst, abs(mine - value))
-    if worst > tol:
-        raise AssertionError(f"metrics differ by {worst}: mmcl {ours} vs clip_benchmark {theirs}")
-    return worst
+def max_difference(ours: dict, theirs: dict) -> float:
+    """Largest |difference| over the metrics both have (NaN equals NaN)."""
+    diffs = [abs(ours[k] - v) for k, v in theirs.items()
+             if k in ours and not (v is None or ours[k] is None or (math.isnan(v) and math.isnan(ours[k])))]
+    return max(diffs, default=0.0)
 
 
-def warm_page_cache() -> None:
-    for name, _, _ in CONFIGS:
-        folder = os.path.join(DATA, name, "test")
-        for file in sorted(os.listdir(folder)):
-            with open(os.path.join(folder, file), "rb") as f:
-                while f.read(1 << 22):
-                    pass
+def summarize_cell(runs: dict, images: int) -> dict:
+    cell = {"images": images}
+    for tool, rs in runs.items():
+        cell[tool] = {"whole_seconds": common.summarize([r["whole_seconds"] for r in rs]),
+                      "images_per_s": common.summarize([r["images_per_s"] for r in rs]),
+                      "load_average": [r["load_average"] for r in rs], "metrics": rs[0]["metrics"]}
+    cell["mmcl"]["threads"] = runs["mmcl"][0].get("threads")
+    ips = {tool: cell[tool]["images_per_s"]["median"] for tool in runs}
+    whole = {tool: cell[tool]["whole_seconds"]["median"] for tool in runs}
+    cell["speedup_images_per_s"] = ips["mmcl"] / ips["clip_benchmark"]
+    cell["speedup_whole_command"] = whole["clip_benchmark"] / whole["mmcl"]
+    cell["of_ceiling"] = ips["mmcl"] / ips["ceiling"]
+    cell["metric_difference"] = max_difference(runs["mmcl"][0]["metrics"], runs["clip_benchmark"][0]["metrics"])
+    cell["mmcl_metrics_same_every_repeat"] = all(r["metrics"] == runs["mmcl"][0]["metrics"] for r in runs["mmcl"])
+    return cell
 
 
-def bench_config(dataset, task, workers, model, args) -> dict:
-    runs = {"mmcl": [], "clip_benchmark": []}
-    for repeat in range(args.repeats):
-        order = ["clip_benchmark", "mmcl"] if repeat % 2 == 0 else ["mmcl", "clip_benchmark"]
+def run_cell(size: str, model: str, dataset: str, first, precision: str, repeats: int) -> dict:
+    root = dataset_root(dataset, first)
+    images = first or common.split_samples(root, "test")
+    runs = {tool: [] for tool in TOOLS}
+    for repeat in range(repeats):
+        order = TOOLS[repeat % 3:] + TOOLS[:repeat % 3]
         for tool in order:
-            runs[tool].append(timed_run(tool, dataset, task, workers, model, args))
-    images = 10_000 if dataset == "cifar10" else 1_000
-    worst = max(same_metrics(m["metrics"], c["metrics"]) for m, c in zip(runs["mmcl"], runs["clip_benchmark"]))
-    row = {"dataset": dataset, "task": task, "workers": workers, "images": images, "max_metric_difference": worst,
-           "metrics": runs["mmcl"][0]["metrics"], "clip_benchmark_metrics": runs["clip_benchmark"][0]["metrics"]}
-    for tool, results in runs.items():
-        seconds, cpu = [r["seconds"] for r in results], [r["cpu_seconds"] for r in results]
-        row[tool] = {"seconds": seconds, "median_seconds": statistics.median(seconds),
-                     "images_per_s": images / statistics.median(seconds), "cpu_seconds": cpu,
-                     "images_per_cpu_s": images / statistics.median(cpu)}
-    row["speedup"] = row["mmcl"]["images_per_s"] / row["clip_benchmark"]["images_per_s"]
-    row["cpu_speedup"] = row["mmcl"]["images_per_cpu_s"] / row["clip_benchmark"]["images_per_cpu_s"]
-    return row
+            common.say(f"{size} {dataset} {precision} repeat {repeat + 1}/{repeats}: {tool}")
+            runs[tool].append(timed_run(tool, model, root, TASKS[dataset], precision == "bf16", images))
+    cell = summarize_cell(runs, images)
+    cell.update(size=size, dataset=dataset, precision=precision, data=str(root), task=TASKS[dataset],
+                workers=min(2, shard_count(root)), runs=runs)
+    return cell
 
 
-def table(rows) -> str:
-    lines = ["| dataset (test) | workers | clip_benchmark img/s | mmcl img/s | speedup | "
-             "clip_benchmark img/CPU-s | mmcl img/CPU-s | max metric diff |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        cb, mm = r["clip_benchmark"], r["mmcl"]
-        lines.append(f"| {r['dataset']} | {r['workers']} | {cb['images_per_s']:.0f} | {mm['images_per_s']:.0f} | "
-                     f"{r['speedup']:.2f}x | {cb['images_per_cpu_s']:.0f} | {mm['images_per_cpu_s']:.0f} | "
-                     f"{r['max_metric_difference']:.1e} |")
-    return "\n".join(lines)
+def add_drift(cells: dict) -> None:
+    """bf16 against fp32, per tool: the largest difference over CLIP_benchmark's metrics (the cost of autocast;
+    mmcl's extra metrics, ranks, are left out so that both tools are judged on the same numbers)."""
+    for key, cell in cells.items():
+        if cell["precision"] == "bf16" and key.replace("/bf16", "/fp32") in cells:
+            fp32 = cells[key.replace("/bf16", "/fp32")]
+            shared = fp32["clip_benchmark"]["metrics"]
+            cell["bf16_drift"] = {tool: max_difference({k: cell[tool]["metrics"][k] for k in shared},
+                                                       {k: fp32[tool]["metrics"][k] for k in shared})
+                                  for tool in ("mmcl", "clip_benchmark")}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    p.add_argument("--datasets", nargs="+", choices=list(TASKS), default=list(TASKS))
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--cb-threads", type=int, default=None, help="torch threads for clip_benchmark's runs")
+    p.add_argument("--redo", action="store_true", help="measure cells that are already in the results again")
     p.add_argument("--out", default=RESULTS)
-    p.add_argument("--one", choices=["mmcl", "clip_benchmark"], help=argparse.SUPPRESS)
-    p.add_argument("--dataset", help=argparse.SUPPRESS)
-    p.add_argument("--task", help=argparse.SUPPRESS)
-    p.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.one:
-        return run_one(args)
-    warm_page_cache()
-    with tempfile.TemporaryDirectory() as folder:
-        model = export_model(folder)
-        rows = [bench_config(dataset, task, workers, model, args)
-                for dataset, task, worker_counts in CONFIGS for workers in worker_counts]
-    import torch
+    path = common.result_path(args.out)
+    report = common.read_json(path) or {}
+    cells = report.get("cells", {}) if report.get("version") == 2 else {}
+    machine = common.machine_info()  # the load average at the start
+    for size in args.sizes:
+        model = export_model(size, common.WORK / "eval_models" / size)
+        for dataset, first in SIZES[size][1]:
+            for precision in args.precisions:
+                key = f"{size}/{dataset}/{precision}"
+                if dataset not in args.datasets or (key in cells and not args.redo):
+                    continue
+                cells[key] = run_cell(size, model, dataset, first, precision, args.repeats)
+                add_drift(cells)
+                common.write_json(args.out, {"version": 2, "machine": machine, "batch_size": BATCH,
+                                             "repeats": args.repeats, "cells": cells})
+    print(table(cells))
 
-    report = {"model_cfg": MODEL_CFG, "batch_size": args.batch_size, "repeats": args.repeats,
-              "clip_benchmark_threads": args.cb_threads or torch.get_num_threads(), "cpu_cores": os.cpu_count(),
-              "load_average_after": os.getloadavg(), "rows": rows}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(table(rows))
+
+def table(cells: dict) -> str:
+    lines = ["| model | data (test) | precision | mmcl img/s | clip_benchmark img/s | speedup | whole command "
+             "mmcl / clip_benchmark | ceiling img/s | mmcl / ceiling | metric diff | bf16 drift mmcl / cb |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for cell in cells.values():
+        med = {tool: cell[tool]["images_per_s"]["median"] for tool in TOOLS}
+        whole = {tool: cell[tool]["whole_seconds"]["median"] for tool in TOOLS}
+        drift = cell.get("bf16_drift")
+        lines.append(
+            f"| {cell['size']} | {cell['dataset']} ({cell['images']:,}) | {cell['precision']} | {med['mmcl']:,.0f} | "
+            f"{med['clip_benchmark']:,.0f} | {cell['speedup_images_per_s']:.2f}x | {whole['mmcl']:.1f} s / "
+            f"{whole['clip_benchmark']:.1f} s ({cell['speedup_whole_command']:.2f}x) | {med['ceiling']:,.0f} | "
+            f"{cell['of_ceiling']:.2f} | {cell['metric_difference']:.1e} | "
+            + (f"{drift['mmcl']:.1e} / {drift['clip_benchmark']:.1e} |" if drift else "- |"))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

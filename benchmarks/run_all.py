@@ -12,7 +12,9 @@ others still run):
   budget_threads  learning_budget.py --mmcl-threads N: the same with mmcl on cores - workers threads
                 (a thread-policy variant; only with --only budget_threads)
   loss          loss_scaling.py          ClipLoss dense / chunked vs open_clip, B = 1k ... 65k (own script)
-  eval          eval_vs_clip_benchmark.py  mmcl eval vs clip_benchmark, images/s and metric parity (own script)
+  eval          eval_vs_clip_benchmark.py  mmcl eval vs clip_benchmark and vs the model's ceiling, 3 model sizes,
+                fp32 and bf16 (about 40 min; resumable, --sizes splits it)
+  eval_threads  eval_threads.py          mmcl eval's images/s for workers 0-2 x threads 1-2: the thread policy
   ssl           ssl_throughput.py        SimCLR step vs a lightly NTXentLoss loop, samples/s and loss parity
   ssl_evidence  ssl_evidence.py          only with --with-ssl-evidence (long; its owner runs it)
   gpu           gpu_check.py             on a GPU; on a CPU it records "not run" (--quick: a CPU dry run)
@@ -34,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import report  # noqa: E402
 
-STEPS = ["throughput", "budget", "budget_threads", "loss", "eval", "ssl", "ssl_evidence", "gpu", "lit"]
+STEPS = ["throughput", "budget", "budget_threads", "loss", "eval", "eval_threads", "ssl", "ssl_evidence", "gpu",
+         "lit"]
 OPTIONAL = ("budget_threads", "ssl_evidence")  # run only when named with --only
 
 
@@ -60,10 +63,14 @@ def commands(quick: bool, results: Path) -> Dict[str, List[str]]:
     if quick:
         cmds["loss"] = script("loss_scaling.py") + ["--sizes", "1024", "4096", "--repeats", "1", "--no-docs"] + \
             out("loss_scaling.json")
-        cmds["eval"] = script("eval_vs_clip_benchmark.py") + ["--repeats", "1"] + out("eval_vs_clip_benchmark.json")
+        cmds["eval"] = script("eval_vs_clip_benchmark.py") + ["--sizes", "tiny32", "--repeats", "1"] + \
+            out("eval_vs_clip_benchmark.json")
+        cmds["eval_threads"] = script("eval_threads.py") + ["--sizes", "tiny32", "--repeats", "1"] + \
+            out("eval_threads.json")
     else:
         cmds["loss"] = script("loss_scaling.py") + ["--no-docs"]
         cmds["eval"] = script("eval_vs_clip_benchmark.py")
+        cmds["eval_threads"] = script("eval_threads.py")
     return cmds
 
 

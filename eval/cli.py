@@ -69,11 +69,14 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
                    help="dataset folder(s) in CLIP_benchmark's webdataset layout")
     p.add_argument("--split", default="test")
     p.add_argument("--batch-size", type=_positive, default=128)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader processes (at most one per shard)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes (0: a background thread)")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="torch threads of the model on a CPU (default: every core; see the README)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", default=None, help="folder for JSON, PNG and results.md")
     p.add_argument("--max-samples", type=_positive, default=None, help="evaluate the first N samples only")
-    p.add_argument("--amp", action="store_true", help="autocast the model (faster on GPU, not bit-exact)")
+    p.add_argument("--amp", action="store_true",
+                   help="autocast the model: bfloat16 on a CPU, float16 on a GPU (faster, not bit-exact)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     if command in ("zeroshot", "all"):
@@ -104,7 +107,7 @@ def add_eval_subcommands(subparsers) -> argparse.ArgumentParser:
 
 def _options(args) -> dict:
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731 - per-command options
-    options = dict(batch_size=args.batch_size, workers=args.workers, max_samples=args.max_samples,
+    options = dict(batch_size=args.batch_size, workers=args.workers, threads=args.threads, max_samples=args.max_samples,
                    amp=args.amp, channels_last=args.channels_last, progress=not args.no_progress,
                    classnames_file=get("classnames"), templates_file=get("templates"),
                    recall_k=tuple(get("recall_k", DEFAULT_KS)), geometry=args.eval_command == "all")

@@ -8,10 +8,11 @@ Speed comes from three things that leave every number unchanged:
 - an open_clip / torchvision eval transform is split in two: its PIL steps (resize, crop, RGB) run per sample,
   its ToTensor + Normalize tail runs once per batch on uint8 pixels (bit-identical, 4x less to send
   between processes);
-- loading overlaps the model: batches come from DataLoader workers (shards split by worker; captions are
-  tokenized there too) or, with no workers, from a background thread (PIL releases the GIL while it
-  decodes). Tokenizing is pure Python and holds the GIL, so without workers it stays in the main thread:
-  in the background thread it would make the model wait for the GIL between every two ops.
+- loading overlaps the model: batches come from DataLoader workers (batches dealt to the workers in turn,
+  so they are the same for any number of workers; captions are tokenized there too) or, with no workers,
+  from a background thread (PIL releases the GIL while it decodes). Tokenizing is pure Python and holds
+  the GIL, so without workers it stays in the main thread: in the background thread it would make the
+  model wait for the GIL between every two ops.
 Every process reads the whole split (no split by node): evaluation runs where it is called.
 """
 from __future__ import annotations
@@ -145,7 +146,7 @@ class SplitStream(IterableDataset):
     With `meta`, batches also carry each sample's "keys", "urls" (its shard) and "offsets" (of its first tar
     header); with `optional_captions`, a sample without `txt` keeps its image and gets no captions.
     Bad samples are skipped and counted by kind (data_pipelines.decode.KINDS); each batch carries the counts
-    since the previous one, and a worker whose last samples were all bad sends one batch with count 0.
+    of its own window, so a window of only bad samples is a batch with count 0.
     """
 
     def __init__(self, urls: Sequence[str], pixels: BatchPreprocess, batch_size: int, labels: bool = False,
@@ -189,26 +190,36 @@ class SplitStream(IterableDataset):
         return batch
 
     def __iter__(self) -> Iterator[dict]:
+        """Batch j holds the good samples among samples [j * batch_size, (j + 1) * batch_size) of the split.
+
+        With W DataLoader workers, worker w makes batches w, w + W, ...: every worker walks the whole split
+        (tar parsing is cheap) and decodes only its own samples. The DataLoader takes batches from the workers
+        in turn, so the batches, and every metric, are the same for any number of workers, and any number of
+        workers can share a single shard.
+        """
         info = get_worker_info()
-        urls = self.urls[info.id::info.num_workers] if info is not None else self.urls
-        skipped, items = Counter(), []
-        for url in urls:
-            for raw in shard_samples(url, lambda damage: skipped.update([damage.kind]), offsets=self.meta):
-                try:
-                    items.append(self.make_item(raw))
-                except BadSample as bad:
-                    skipped[bad.kind] += 1
-                if len(items) == self.batch_size:
-                    yield self.collate(items, skipped)
-                    items = []
-        if items or skipped:
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        position, skipped, items = 0, Counter(), []
+        owns = lambda pos: (pos // self.batch_size) % workers == worker  # noqa: E731 - pos's window is ours
+        for url in self.urls:
+            for raw in shard_samples(url, lambda damage: skipped.update([damage.kind] if owns(position) else []),
+                                    offsets=self.meta):
+                if owns(position):
+                    try:
+                        items.append(self.make_item(raw))
+                    except BadSample as bad:
+                        skipped[bad.kind] += 1
+                    if (position + 1) % self.batch_size == 0:  # the window's last sample: a batch, even empty
+                        yield self.collate(items, skipped)
+                        items = []
+                position += 1
+        if position % self.batch_size and owns(position):  # the last, partial window
             yield self.collate(items, skipped)
 
 
 def batch_iterator(stream: SplitStream, workers: int = 0) -> Iterator[dict]:
-    """The stream's batches, from `workers` DataLoader processes (at most one per shard) or in-process."""
-    workers = min(max(workers, 0), len(stream.urls))
-    if workers == 0:
+    """The stream's batches, from `workers` DataLoader processes or in-process (the same batches either way)."""
+    if workers <= 0:
         return iter(stream)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4,
                         persistent_workers=False)

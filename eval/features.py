@@ -7,16 +7,16 @@ order the batches arrive. For retrieval, every caption line of a sample is embed
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, Optional
 
 import torch
-from tqdm import tqdm
 
+from mmcl.progress import progress_bar
 from eval.datasets import BatchPreprocess, Limit, SplitInfo, SplitStream, batch_iterator, prefetch
+from eval.threads import ThreadPolicy
 
 
 @dataclass
@@ -29,6 +29,7 @@ class Features:
     text_to_image: Optional[torch.Tensor] = None  # [T] image index of each caption
     skipped: Dict[str, int] = field(default_factory=dict)  # bad samples by kind
     seconds: float = 0.0  # reading, decoding and embedding
+    threads: Dict[str, object] = field(default_factory=dict)  # the model's CPU threads (eval.threads)
 
     @property
     def samples(self) -> int:
@@ -51,34 +52,24 @@ def eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def model_threads(device, workers: int, threads: Optional[int] = None):
-    """torch's intra-op threads for the block: on a CPU, the cores the loaders leave free.
-
-    Loading takes one core per DataLoader worker (or one for the background thread when there are none);
-    OpenMP threads that share cores with busy loaders stall at every barrier, which on small models costs
-    more than the extra thread gives. `threads` overrides; GPUs are left alone. Results do not change.
-    """
-    if threads is None and torch.device(device).type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or max(1, available_cores() - max(1, workers)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _autocast(device: torch.device, amp: bool):
+def autocast(device: torch.device, amp: bool):
+    """torch.autocast when `amp`: bfloat16 on a CPU, float16 on a GPU (torch's defaults)."""
     return torch.autocast(device.type) if amp else contextlib.nullcontext()
+
+
+MIN_ROWS = 12
+
+
+def encode_rows(encode: Callable, x: torch.Tensor) -> torch.Tensor:
+    """`encode(x, normalize=True)`, given at least MIN_ROWS rows on a CPU (copies of the first row, dropped
+    after). MKL's float32 matmul, torch's on a CPU, rounds matrices of 5-7 and 9-11 rows differently with
+    different thread counts (12 or more it does not): a last batch of 6 images or a class with 6 prompts
+    would make the features, and the metrics, depend on the number of threads."""
+    rows = len(x)
+    if rows >= MIN_ROWS or x.device.type != "cpu":
+        return encode(x, normalize=True)
+    padded = torch.cat([x, x[:1].expand(MIN_ROWS - rows, *x.shape[1:])])
+    return encode(padded, normalize=True)[:rows]
 
 
 def _prepare_fn(pixels: BatchPreprocess, channels_last: bool) -> Callable[[dict], dict]:
@@ -129,23 +120,27 @@ class _Collector:
 
 
 def embed_batches(model: torch.nn.Module, batches: Iterator[dict], device: torch.device,
-                  tokenizer: Optional[Callable] = None, amp: bool = False,
-                  progress: Optional[tqdm] = None, collector=None) -> Features:
-    """Run the model over prepared batches ("images", optional "labels", "captions" / "tokens").
+                  tokenizer: Optional[Callable] = None, amp: bool = False, progress=None, collector=None,
+                  threads: Optional[ThreadPolicy] = None) -> Features:
+    """Run the model over prepared batches ("images", optional "labels", "captions" / "tokens"); `threads`
+    sets torch's threads from the first images (eval.threads).
 
     `collector` receives each batch's embeddings (`add(batch, image, text)`, `skipped`, `features(seconds)`);
     the default keeps them all in memory. A collector that writes them out bounds the memory.
     """
     collector, start = collector if collector is not None else _Collector(), time.perf_counter()
-    with torch.inference_mode(), _autocast(device, amp):
+    with torch.inference_mode(), autocast(device, amp):
         for batch in batches:
             collector.skipped.update(batch.get("skipped", {}))
             if not batch["count"]:
                 continue
-            image = model.encode_image(batch["images"].to(device, non_blocking=True), normalize=True)
+            images = batch["images"].to(device, non_blocking=True)
+            if threads is not None:
+                threads.choose(model, images)
+            image = encode_rows(model.encode_image, images)
             text, tokens = None, _tokens(batch, tokenizer)
             if tokens is not None:
-                text = model.encode_text(tokens.to(device, non_blocking=True), normalize=True).float().cpu()
+                text = encode_rows(model.encode_text, tokens.to(device, non_blocking=True)).float().cpu()
             collector.add(batch, image.float().cpu(), text)
             if progress is not None:
                 progress.update(batch["count"])
@@ -155,9 +150,11 @@ def embed_batches(model: torch.nn.Module, batches: Iterator[dict], device: torch
 def split_features(model: torch.nn.Module, preprocess: Callable, tokenizer: Optional[Callable], info: SplitInfo,
                    batch_size: int = 128, device=None, workers: int = 0, max_samples: Optional[int] = None,
                    labels: Optional[bool] = None, texts: Optional[bool] = None, amp: bool = False,
-                   channels_last: bool = False, progress: bool = False) -> Features:
+                   channels_last: bool = False, progress: bool = False, threads: Optional[int] = None) -> Features:
     """Embeddings of a split: images always, plus `labels` (default: for classification splits) and the
-    embeddings of every caption (`texts`, default: for retrieval splits, with `tokenizer`).
+    embeddings of every caption (`texts`, default: for retrieval splits, with `tokenizer`). On a CPU the
+    model's threads follow eval.threads.ThreadPolicy (`threads` fixes them); `Features.threads` says what
+    was used.
 
     Raises ValueError naming the split when it holds no usable sample.
     """
@@ -166,17 +163,19 @@ def split_features(model: torch.nn.Module, preprocess: Callable, tokenizer: Opti
     if texts and tokenizer is None:
         raise ValueError("a tokenizer is needed to embed captions")
     pixels = BatchPreprocess(preprocess)
-    workers = min(max(workers, 0), len(info.urls))
+    total = min(filter(None, (info.size, max_samples)), default=None)
+    workers = max(workers, 0) if total is None else min(max(workers, 0), -(-total // batch_size))
     # Worker processes tokenize (no GIL shared with the model); without workers the main thread does.
     stream = SplitStream(info.urls, pixels, batch_size, labels=labels, captions=texts,
                          tokenizer=tokenizer if texts and workers > 0 else None)
     device = torch.device(device) if device is not None else model_device(model)
     prepare = _prepare_fn(pixels, channels_last)
-    total = min(filter(None, (info.size, max_samples)), default=None)
-    bar = tqdm(total=total, unit="img", desc=f"{info.name}/{info.split}", disable=not progress, leave=False)
-    with bar:
+    policy = ThreadPolicy.for_pass(device, workers, threads)
+    bar = progress_bar(total, f"{info.name}/{info.split}", "img", enabled=progress)
+    with bar, policy.applied():
         batches = prefetch(Limit(max_samples)(batch_iterator(stream, workers)), prepare)
-        features = embed_batches(model, batches, device, tokenizer if texts else None, amp, bar)
+        features = embed_batches(model, batches, device, tokenizer if texts else None, amp, bar, threads=policy)
+    features.threads = policy.summary()
     if features.samples == 0:
         where = f"{info.root}/{info.split}"
         raise ValueError(f"no usable samples in {where}" + (f" (skipped: {features.skipped})"

@@ -93,32 +93,89 @@ def plot_per_class(classnames: Sequence[str], recall: Sequence[float], title: st
     return path
 
 
-def plot_recall_curves(curves: Dict[str, Dict[str, list]], title: str, path: str) -> str:
-    """Recall@k against k for text->image and image->text."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+GEOMETRY_METRICS = ("alignment", "uniformity_image", "uniformity_text", "modality_gap", "mean_pair_cosine")
+FAMILIES = ("accuracy", "recall@k", "ranks", "geometry")  # one plot panel each: values of one scale
+FAMILY_LABELS = {"accuracy": "accuracy (0-1)", "recall@k": "recall@k (0-1)", "ranks": "rank (1 is best)",
+                 "geometry": "geometry"}
+
+
+def metric_family(name: str) -> Optional[str]:
+    """The family of a metric name (a bare name or a path like `eval/flickr8k/acc1`); None: not plotted."""
+    key = name.rsplit("/", 1)[-1]
+    if "recall@" in key:
+        return "recall@k"
+    if key.endswith(("_mean_rank", "_median_rank")):
+        return "ranks"
+    if key in GEOMETRY_METRICS:
+        return "geometry"
+    if key.endswith(("acc1", "acc5", "mean_per_class_recall")):
+        return "accuracy"
+    return None
+
+
+def by_family(names: Iterable[str]) -> Dict[str, List[str]]:
+    """Metric names grouped by family, families in FAMILIES order, names in their given order."""
+    groups = {family: [] for family in FAMILIES}
+    for name in names:
+        family = metric_family(name)
+        if family is not None:
+            groups[family].append(name)
+    return {family: names for family, names in groups.items() if names}
+
+
+def style_panel(ax, family: str) -> None:
+    """Axis label and scale of a family's panel: fractions on [0, 1], ranks on a log axis."""
+    ax.set_ylabel(FAMILY_LABELS[family])
+    if family in ("accuracy", "recall@k"):
+        ax.set_ylim(0, 1.02)
+    elif family == "ranks":
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+
+
+def _recall_panel(ax, curves: Dict[str, Dict[str, list]]) -> None:
     labels = {"image_retrieval": "text -> image", "text_retrieval": "image -> text"}
     for name, curve in curves.items():
         ax.plot(curve["k"], curve["recall"], marker=".", label=labels.get(name, name))
     ax.set_xlabel("k")
-    ax.set_ylabel("recall@k")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title)
+    style_panel(ax, "recall@k")
+    ax.legend(fontsize=8)
+
+
+def _bars_panel(ax, metrics: Dict[str, float], names: List[str], family: str) -> None:
+    values = [metrics[n] if isinstance(metrics[n], (int, float)) and math.isfinite(metrics[n]) else 0.0
+              for n in names]
+    ax.bar(range(len(names)), values, color="tab:blue", label=family)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([n.replace("_retrieval", "").replace("_", " ") for n in names], rotation=30, ha="right",
+                       fontsize=7)
+    style_panel(ax, family)
+
+
+def result_figure(result: Dict):
+    """A retrieval result's figure: recall@k curves, then one bar panel per other metric family present."""
+    plt = _pyplot()
+    metrics = result["metrics"]
+    families = {f: names for f, names in by_family(metrics).items() if f != "recall@k"}
+    fig, axes = plt.subplots(1, 1 + len(families), figsize=(5 + 3.5 * len(families), 4), squeeze=False)
+    _recall_panel(axes[0][0], result["details"]["recall_curve"])
+    for ax, (family, names) in zip(axes[0][1:], families.items()):
+        _bars_panel(ax, metrics, names, family)
+    fig.suptitle(f"{result['dataset']} ({result['split']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def plot_result(result: Dict, path: str) -> Optional[str]:
-    """The PNG of a result: per-class bars (classification), recall curves (retrieval); else None."""
+    """The PNG of a result: per-class bars (classification), recall curves and ranks (retrieval); else None."""
     details, title = result.get("details", {}), f"{result['dataset']} ({result['split']})"
     if "per_class_recall" in details:
         return plot_per_class(details["classnames"], details["per_class_recall"], title, path)
     if "recall_curve" in details:
-        return plot_recall_curves(details["recall_curve"], title, path)
+        fig = result_figure(result)
+        fig.savefig(path, dpi=100)
+        _pyplot().close(fig)
+        return path
     return None
 
 

@@ -9,7 +9,8 @@ classification):
 - "knn" / "linear_probe" (alias "probe"): frozen image features, `train_split` -> `split`; kNN, plus a
   logistic-regression probe for "linear_probe". No text tower needed (SimCLR / MoCo models).
 The result: {"dataset", "root", "split", "task", "metrics", "samples", "skipped", "seconds",
-"images_per_s", "details"} where details holds what the plots need.
+"images_per_s", "threads", "details"} where details holds what the plots need and threads what the model ran
+with on a CPU (eval.threads).
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ import torch
 
 from data_pipelines import shards
 from eval.datasets import CLASSIFICATION, RETRIEVAL, SplitInfo, describe_split
-from eval.features import Features, eval_mode, model_device, model_threads, split_features
+from eval.features import Features, eval_mode, model_device, split_features
 from eval.geometry import geometry_metrics
 from eval.probe import knn_metrics, linear_probe_metrics
 from eval.retrieval import DEFAULT_KS, evaluate_retrieval, recall_curve
+from eval.threads import fixed_threads
 from eval.zeroshot import zeroshot_evaluate
 
 ZEROSHOT, RETRIEVAL_TASK, GEOMETRY = "zeroshot_classification", "zeroshot_retrieval", "geometry"
@@ -43,7 +45,7 @@ class EvalOptions:
 
     batch_size: int = 128
     device: Optional[str] = None  # default: the model's device
-    workers: int = 0  # DataLoader processes (at most one per shard); 0 decodes in a background thread
+    workers: int = 0  # DataLoader processes; 0 decodes in a background thread
     max_samples: Optional[int] = None  # cap per split (quick evaluations during training)
     classnames_file: Optional[str] = None
     templates_file: Optional[str] = None
@@ -53,7 +55,7 @@ class EvalOptions:
     knn_k: int = 20
     knn_temperature: float = 0.07
     probe_c: float = 1.0
-    threads: Optional[int] = None  # CPU threads of the model; default: the cores the loaders leave free
+    threads: Optional[int] = None  # CPU threads of the model; default: measured (eval.threads)
     amp: bool = False
     channels_last: bool = False
     progress: bool = False
@@ -73,7 +75,7 @@ def resolve_task(task: Optional[str], root: str) -> str:
 def _features(model, preprocess, tokenizer, info: SplitInfo, opts: EvalOptions, **what) -> Features:
     return split_features(model, preprocess, tokenizer, info, batch_size=opts.batch_size, device=opts.device,
                           workers=opts.workers, max_samples=opts.max_samples, amp=opts.amp,
-                          channels_last=opts.channels_last, progress=opts.progress, **what)
+                          channels_last=opts.channels_last, progress=opts.progress, threads=opts.threads, **what)
 
 
 def _zeroshot(model, preprocess, tokenizer, root, split, opts: EvalOptions):
@@ -81,7 +83,7 @@ def _zeroshot(model, preprocess, tokenizer, root, split, opts: EvalOptions):
     features = _features(model, preprocess, tokenizer, info, opts, labels=True, texts=False)
     device = opts.device or model_device(model)
     scored = zeroshot_evaluate(model, tokenizer, features.image, features.labels, info.classnames,
-                               info.templates, device, opts.progress)
+                               info.templates, device, opts.progress, opts.amp)
     details = {"classnames": info.classnames, "per_class_recall": scored["per_class_recall"]}
     return info, features, scored["metrics"], details
 
@@ -134,10 +136,10 @@ def evaluate_dataset(model: torch.nn.Module, preprocess: Callable, tokenizer: Op
     if tokenizer is None and task in (ZEROSHOT, RETRIEVAL_TASK, GEOMETRY):
         raise ValueError(f"{task} needs a tokenizer (a model with a text tower)")
     start = time.perf_counter()
-    device = opts.device or model_device(model)
-    with eval_mode(model), model_threads(device, opts.workers, opts.threads):
+    with eval_mode(model), fixed_threads(opts.threads):
         info, features, metrics, details = _run_task(task, model, preprocess, tokenizer, root, split, opts)
     seconds = time.perf_counter() - start
     return {"dataset": f"wds/{info.name}", "root": root, "split": split, "task": task, "metrics": metrics,
             "samples": features.samples, "skipped": features.skipped, "seconds": seconds,
-            "images_per_s": features.samples / seconds if seconds > 0 else float("inf"), "details": details}
+            "images_per_s": features.samples / seconds if seconds > 0 else float("inf"),
+            "threads": features.threads, "details": details}

@@ -19,7 +19,9 @@ from typing import Callable, Dict, List, Sequence, Union
 
 import numpy as np
 import torch
-from tqdm import tqdm
+
+from eval.features import autocast, encode_rows
+from mmcl.progress import progress_bar
 
 Templates = Union[Sequence[str], Dict[str, Sequence[str]]]
 
@@ -34,23 +36,36 @@ def class_prompts(classname: str, templates: Templates) -> List[str]:
         raise ValueError(f"templates must use {{c}} and no other braces: {err}") from None
 
 
+PROMPT_BATCH = 256
+
+
 @torch.inference_mode()
 def zeroshot_classifier(model: torch.nn.Module, tokenizer: Callable, classnames: Sequence[str],
-                        templates: Templates, device=None, progress: bool = False) -> torch.Tensor:
-    """The zero-shot weights W [D, C] (float32, on `device`); one text batch per class, like CLIP_benchmark."""
+                        templates: Templates, device=None, progress: bool = False, amp: bool = False) -> torch.Tensor:
+    """The zero-shot weights W [D, C] (float32, on `device`).
+
+    The prompts of all classes are embedded in batches of PROMPT_BATCH (CLIP_benchmark makes one small batch
+    per class: the same embeddings up to float rounding, in fewer, larger matmuls); `amp` autocasts the text
+    tower as CLIP_benchmark does; the means and norms are taken in float32.
+    """
     if not classnames:
         raise ValueError("no class names")
     if not templates:
         raise ValueError("no templates")
     if device is None:
         device = next(model.parameters()).device
-    columns = []
-    for classname in tqdm(classnames, desc="classifier", unit="class", disable=not progress, leave=False):
-        tokens = tokenizer(class_prompts(classname, templates)).to(device)
-        embeddings = model.encode_text(tokens, normalize=True).float()
-        mean = embeddings.mean(dim=0)
-        columns.append(mean / mean.norm())
-    return torch.stack(columns, dim=1)
+    prompts = [class_prompts(classname, templates) for classname in classnames]
+    flat = [prompt for class_list in prompts for prompt in class_list]
+    embeddings = []
+    with progress_bar(len(flat), "classifier", "prompt", enabled=progress) as bar:
+        for start in range(0, len(flat), PROMPT_BATCH):
+            tokens = tokenizer(flat[start:start + PROMPT_BATCH]).to(device)
+            with autocast(torch.device(device), amp):
+                embeddings.append(encode_rows(model.encode_text, tokens).float())
+            bar.update(len(tokens))
+    columns = [class_embeddings.mean(dim=0) for class_embeddings in
+               torch.cat(embeddings).split([len(class_list) for class_list in prompts])]
+    return torch.stack([mean / mean.norm() for mean in columns], dim=1)
 
 
 def zeroshot_logits(image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
@@ -108,9 +123,9 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> Dict[
 
 def zeroshot_evaluate(model: torch.nn.Module, tokenizer: Callable, image_features: torch.Tensor,
                       targets: torch.Tensor, classnames: Sequence[str], templates: Templates,
-                      device=None, progress: bool = False) -> Dict[str, object]:
+                      device=None, progress: bool = False, amp: bool = False) -> Dict[str, object]:
     """Metrics and per-class recall of zero-shot classification from precomputed image features."""
-    classifier = zeroshot_classifier(model, tokenizer, classnames, templates, device, progress)
+    classifier = zeroshot_classifier(model, tokenizer, classnames, templates, device, progress, amp)
     logits = zeroshot_logits(image_features, classifier.cpu())
     metrics = classification_metrics(logits, targets)
     recall = per_class_recall(logits.argmax(dim=1), targets, len(classnames))

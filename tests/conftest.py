@@ -52,6 +52,31 @@ def write_pictures(root: Path, count: int = 48, split: str = "train") -> Path:
     return root
 
 
+def write_shards(folder: Path, samples: List[dict], shard_size: int) -> Path:
+    """Samples (webdataset dicts) written as shards `folder/0.tar`, `folder/1.tar`, ... with nshards.txt."""
+    from data_pipelines.writers import ShardWriter
+
+    with ShardWriter(str(folder), shard_size=shard_size) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return folder
+
+
+def export_open_clip(folder: Path, model_cfg: Dict[str, Any], seed: int = 0) -> Path:
+    """A seeded random open_clip CLIP saved as a `local-dir:` export (config + safetensors) in `folder`."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**model_cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    return folder
+
+
 def tiny_tree(digits_root: str, output_dir: Path) -> Dict[str, Any]:
     """A tiny CLIP on the digits: 6 steps of batch 32, one process, no worker processes, no eval."""
     return {

@@ -8,13 +8,11 @@ import json
 import math
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from data_pipelines.writers import ShardWriter
+from conftest import export_open_clip, write_shards
 from eval import evaluate_dataset
 from eval.cli import load_model, main
 
@@ -35,20 +33,9 @@ def jpeg(rgb, rng, size=24):
     return buf.getvalue()
 
 
-def write_split(folder, samples, shard_size):
-    with ShardWriter(str(folder), shard_size=shard_size) as writer:
-        for sample in samples:
-            writer.write(sample)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**MODEL_CFG)
-    folder = tmp_path_factory.mktemp("model")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": MODEL_CFG, "preprocess_cfg": {}}))
-    return folder
+    return export_open_clip(tmp_path_factory.mktemp("model"), MODEL_CFG)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +48,7 @@ def colours(tmp_path_factory):
     """Classification: 6 colour classes, 2 shards per split."""
     root, rng = tmp_path_factory.mktemp("colours"), np.random.default_rng(0)
     for split, n in (("train", 36), ("test", 30)):
-        write_split(root / split, [{"__key__": f"{split}{i:03d}", "jpg": jpeg(COLOURS[i % 6], rng),
+        write_shards(root / split, [{"__key__": f"{split}{i:03d}", "jpg": jpeg(COLOURS[i % 6], rng),
                                     "cls": str(i % 6)} for i in range(n)], shard_size=n // 2)
     (root / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
     (root / "zeroshot_classification_templates.txt").write_text("a {c} photo.\na photo of something {c}.\n")
@@ -76,7 +63,7 @@ def captions(tmp_path_factory):
     for i in range(12):
         lines = [f"a {CLASSES[i % 6]} square", f"something {CLASSES[i % 6]} number {i}", "a picture"][:1 + i % 3]
         samples.append({"__key__": f"img{i:03d}", "jpg": jpeg(COLOURS[i % 6], rng), "txt": "\n".join(lines)})
-    write_split(root / "test", samples, shard_size=12)
+    write_shards(root / "test", samples, shard_size=12)
     (root / "dataset_type.txt").write_text("retrieval\n")
     return root
 
@@ -139,7 +126,7 @@ def test_probe_geometry_and_max_samples(colours, captions, loaded):
 
 def test_fewer_than_five_classes(tmp_path, model_dir, loaded):
     rng = np.random.default_rng(2)
-    write_split(tmp_path / "test", [{"__key__": f"k{i}", "jpg": jpeg(COLOURS[i % 3], rng), "cls": str(i % 3)}
+    write_shards(tmp_path / "test", [{"__key__": f"k{i}", "jpg": jpeg(COLOURS[i % 3], rng), "cls": str(i % 3)}
                                     for i in range(9)], shard_size=9)
     (tmp_path / "classnames.txt").write_text("red\ngreen\nblue\n")
     (tmp_path / "zeroshot_classification_templates.txt").write_text("a {c} photo.\n")
@@ -164,7 +151,7 @@ def test_labels_beyond_class_names(tmp_path, colours, loaded):
 
 
 def test_only_bad_samples_is_a_clear_error(tmp_path, loaded):
-    write_split(tmp_path / "test", [{"__key__": "a", "jpg": b"broken", "cls": "0"}], shard_size=5)
+    write_shards(tmp_path / "test", [{"__key__": "a", "jpg": b"broken", "cls": "0"}], shard_size=5)
     (tmp_path / "classnames.txt").write_text("x\n")
     (tmp_path / "zeroshot_classification_templates.txt").write_text("{c}\n")
     model, preprocess, tokenizer = loaded

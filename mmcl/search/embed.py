@@ -20,11 +20,12 @@ from typing import Callable, List, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from data_pipelines import decode, shards
 from eval.datasets import BatchPreprocess, SplitStream, batch_iterator, prefetch
-from eval.features import _prepare_fn, embed_batches, eval_mode, model_threads
+from eval.features import _prepare_fn, embed_batches, eval_mode
+from eval.threads import ThreadPolicy
+from mmcl.progress import progress_bar
 from mmcl.search import store
 
 DTYPES = ("float32", "float16")
@@ -116,7 +117,7 @@ class PartCollector:
 
 
 def embed_part(model, preprocess: Callable, tokenizer: Optional[Callable], urls: List[str], opts: EmbedOptions,
-               device: torch.device, bar: tqdm) -> PartCollector:
+               device: torch.device, bar, threads: ThreadPolicy) -> PartCollector:
     """One pass of the evaluation reader over a part's shards, into a PartCollector."""
     pixels = BatchPreprocess(preprocess)
     workers = min(max(opts.workers, 0), len(urls))
@@ -125,7 +126,8 @@ def embed_part(model, preprocess: Callable, tokenizer: Optional[Callable], urls:
     stream = SplitStream(urls, pixels, opts.batch_size, captions=texts, max_pixels=opts.max_pixels, meta=True,
                          tokenizer=tokenizer if texts and workers else None, optional_captions=True)
     batches = prefetch(batch_iterator(stream, workers), _prepare_fn(pixels, False))
-    return embed_batches(model, batches, device, tokenizer, progress=bar, collector=PartCollector())
+    return embed_batches(model, batches, device, tokenizer, progress=bar, collector=PartCollector(),
+                         threads=threads)
 
 
 def _plan(model: str, urls: List[str], opts: EmbedOptions) -> dict:
@@ -176,12 +178,13 @@ def _embed_parts(plan: dict, emb: Path, todo: List[int], opts: EmbedOptions, tot
     device = torch.device(opts.device or default_device())
     model, preprocess, tokenizer = load_model(plan["model"], str(device))
     size = plan["part_shards"]
-    bar = tqdm(total=total, unit="img", desc="embed", disable=not opts.progress)
-    with bar, eval_mode(model), model_threads(device, opts.workers):
+    bar = progress_bar(total, "embed", "img", enabled=opts.progress)
+    policy = ThreadPolicy.for_pass(device, opts.workers)  # the evaluation's thread policy (eval/threads.py)
+    with bar, eval_mode(model), policy.applied():
         for part in todo:
             urls = plan["shards"][part * size:(part + 1) * size]
-            bar.set_postfix_str(f"part {part + 1}/{plan['parts']}")
-            embed_part(model, preprocess, tokenizer, urls, opts, device, bar).write(emb, part, opts.dtype, urls)
+            bar.set_postfix({"part": f"{part + 1}/{plan['parts']}"})
+            embed_part(model, preprocess, tokenizer, urls, opts, device, bar, policy).write(emb, part, opts.dtype, urls)
 
 
 def finish(emb: Path, plan: dict, resumed: int = 0) -> dict:

@@ -1,4 +1,5 @@
-"""Training logs: JSONL metrics (the source of truth), the experiment trackers, a progress bar (main process)."""
+"""Training logs: JSONL metrics (the source of truth), the experiment trackers, and a progress bar on the main
+process (a live bar on a terminal, a line every 10% or minute in a log file: mmcl.progress)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Dict, Optional
 
-from tqdm import tqdm
+from mmcl.progress import progress_bar
 
 from mmcl.train.trackers import scalars
 
@@ -25,7 +26,7 @@ class RunLog:
             return
         keep_until(self.path, start_step)
         if progress:
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            self.bar = progress_bar(total_steps, "train", "step", leave=True, initial=start_step)
 
     def write(self, record: Dict[str, float]) -> None:
         if not self.enabled:
@@ -38,9 +39,9 @@ class RunLog:
 
     def progress(self, steps: int, postfix: Optional[Dict[str, str]] = None) -> None:
         if self.bar is not None:
-            self.bar.update(steps)
             if postfix:
                 self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(steps)
 
     def close(self) -> None:
         if self.bar is not None:

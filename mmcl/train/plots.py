@@ -1,4 +1,8 @@
-"""PNG plots of a run from its metrics.jsonl: loss, temperature, learning rate, evaluation metrics."""
+"""PNG plots of a run from its metrics.jsonl: loss, temperature, learning rate, evaluation metrics.
+
+The evaluation plot has one panel per metric family (accuracy, recall@k, ranks, geometry: eval.report's
+families), so that ranks in the hundreds and recalls between 0 and 1 never share an axis.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,6 +42,28 @@ def plot_keys(records: List[dict], keys: List[str], title: str, path: Path, logy
     return drawn
 
 
+def eval_figure(records: List[dict]):
+    """The evaluation metrics against the step, one panel per metric family; None without any."""
+    from eval.report import by_family, style_panel  # the trainer imports evaluation lazily
+
+    keys = sorted({k for r in records for k in r if k.startswith("eval/")})
+    families = {f: [k for k in names if series(records, k)[0]] for f, names in by_family(keys).items()}
+    families = {f: names for f, names in families.items() if names}
+    if not families:
+        return None
+    fig, axes = plt.subplots(len(families), 1, figsize=(7, 2.8 * len(families)), sharex=True, squeeze=False)
+    for ax, (family, names) in zip(axes[:, 0], families.items()):
+        for key in names:
+            steps, values = series(records, key)
+            ax.plot(steps, values, label=key[len("eval/"):], marker="o" if len(steps) < 20 else None)
+        style_panel(ax, family)
+        ax.set_title(family, fontsize=9)
+        ax.legend(fontsize=7, loc="best")
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    return fig
+
+
 def write_plots(run_dir: Path) -> Dict[str, Path]:
     """Write plots/{loss,temperature,lr,eval}.png; returns the files written."""
     records = read_metrics(run_dir)
@@ -45,12 +71,16 @@ def write_plots(run_dir: Path) -> Dict[str, Path]:
     out.mkdir(exist_ok=True)
     keys = sorted({k for r in records for k in r})
     loss_keys = [k for k in keys if k == "loss" or k.startswith("loss/")]
-    eval_keys = [k for k in keys if k.startswith("eval/")]
     plans = {"loss": (loss_keys, "training loss", False), "temperature": (["logit_scale"], "logit scale exp(t)", False),
-             "lr": (["lr"], "learning rate", False), "eval": (eval_keys, "evaluation", False)}
+             "lr": (["lr"], "learning rate", False)}
     written = {}
     for name, (plot_keys_, title, logy) in plans.items():
         path = out / f"{name}.png"
         if plot_keys_ and plot_keys(records, plot_keys_, title, path, logy):
             written[name] = path
+    fig = eval_figure(records)
+    if fig is not None:
+        fig.savefig(out / "eval.png", dpi=110)
+        plt.close(fig)
+        written["eval"] = out / "eval.png"
     return written
