@@ -54,11 +54,11 @@ def eval_reader_child(model: str) -> None:
     """The evaluation pass as `mmcl eval zeroshot` runs it; prints images/s."""
     from eval.cli import load_model
     from eval.datasets import describe_split
-    from eval.features import eval_mode, model_threads, split_features
+    from eval.features import eval_mode, split_features
 
     net, preprocess, tokenizer = load_model(model, "cpu")
     info = describe_split(str(DATA), "test")
-    with eval_mode(net), model_threads("cpu", WORKERS):
+    with eval_mode(net):  # split_features applies the evaluation's thread policy itself
         features = split_features(net, preprocess, tokenizer, info, batch_size=BATCH, workers=WORKERS)
     print(json.dumps({"images": features.samples, "seconds": features.seconds}))
 
