@@ -32,6 +32,8 @@ def check_model(recipe: Recipe) -> None:
             raise ConfigError(f"model.{key}: file not found: {path} (weights must be local; nothing downloads)")
     if not m.ssl_head or any(d <= 0 for d in m.ssl_head):
         raise ConfigError(f"model.ssl_head: must be a list of positive sizes, got {m.ssl_head}")
+    if not 0 <= m.text_dropout < 1:
+        raise ConfigError(f"model.text_dropout: must be in [0, 1), got {m.text_dropout}")
 
 
 def check_model_config(config: dict) -> None:
@@ -140,8 +142,47 @@ def check_objective(recipe: Recipe) -> None:
     if o.name != "clip" and o.clip is not None and o.clip.cross_modal_queue:
         raise ConfigError(f"objective.clip.cross_modal_queue: only objective.name=clip has cross-modal queues, "
                           f"not {o.name}")
-    if o.name in ("simclr", "moco", "slip") and recipe.data.num_views < 2:
+    if o.name in ("simclr", "moco", "slip") + TWO_VIEW and recipe.data.num_views < 2:
         raise ConfigError(f"data.num_views: {o.name} needs at least 2 views, got {recipe.data.num_views}")
+    check_text_ssl(recipe)
+
+
+# ---- objectives on labels and margins, and CLIP's label-aware and text-side options -------------------------
+
+TWO_VIEW = ("supcon", "triplet", "pairwise")
+
+
+def check_text_ssl(recipe: Recipe) -> None:
+    """SimCSE's two views of a caption must differ: dropout in the text tower, or a token augmentation."""
+    clip = recipe.objective.clip
+    if clip is None or not clip.text_ssl_weight:
+        return
+    hf_tower = "hf_model_name" in ((recipe.model.config or {}).get("text_cfg") or {})
+    if not (recipe.model.text_dropout or hf_tower or clip.simcse.token_shuffle or clip.simcse.token_cutoff):
+        raise ConfigError("objective.clip.text_ssl_weight: SimCSE's two views of a caption would be identical; set "
+                          "model.text_dropout (0.1 in the paper) or objective.clip.simcse.token_shuffle / token_cutoff")
+
+
+def needs_labels(recipe: Recipe) -> bool:
+    o = recipe.objective
+    return o.name == "supcon" or (o.name in ("clip", "slip") and o.section("clip").label_positives)
+
+
+def check_labels(recipe: Recipe) -> None:
+    """Objectives on class labels read `cls`: refuse data whose first sample has none, before any training."""
+    from data_pipelines import shards, tarstream
+
+    if not needs_labels(recipe):
+        return
+    for i, source in enumerate(recipe.data.train):
+        url = shards.local_path(shards.expand_urls(source, recipe.data.split)[0])
+        if not Path(url).is_file():
+            continue  # a remote source: its samples are checked as they stream
+        first = next(tarstream.shard_samples(url, lambda err: None), {})
+        if "cls" not in first:
+            have = ", ".join(sorted(k for k in first if not k.startswith("__"))) or "nothing"
+            raise ConfigError(f"data.train[{i}]: objective {recipe.objective.name} needs class labels (`cls` in "
+                              f"each sample); the first sample of {url} has {have}")
 
 
 def check_eval(recipe: Recipe) -> None:
@@ -155,5 +196,5 @@ def check_eval(recipe: Recipe) -> None:
 
 
 def validate(recipe: Recipe) -> None:
-    for check in (check_model, check_optim, check_train, check_objective, check_data, check_eval):
+    for check in (check_model, check_optim, check_train, check_objective, check_data, check_labels, check_eval):
         check(recipe)
