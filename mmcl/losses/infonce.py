@@ -131,6 +131,8 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, scale: Union[torch.Tensor,
     _check_options(query, pos_mask, mix_labels, symmetric, row_negatives, weighting)
     if labels is None and pos_keys is None and pos_mask is None:
         labels = diagonal_labels(query.shape[0], device=query.device)
+    if chunk_size is not None and not torch.is_tensor(scale):
+        scale = torch.tensor(float(scale), device=query.device, dtype=torch.float32)
     if row_negatives is not None or (weighting is not None and weighting.active):
         row_negatives = None if row_negatives is None else row_negatives.detach()
         return weighted_info_nce(query, keys, scale, labels, pos_keys, exclude, row_negatives, symmetric,
@@ -140,6 +142,4 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, scale: Union[torch.Tensor,
     targets = Targets(labels, mix_labels, mix_weight, pos_mask)
     if chunk_size is None:
         return _dense_info_nce(query, keys, scale, targets, pos_keys, exclude, symmetric)
-    if not torch.is_tensor(scale):
-        scale = torch.tensor(float(scale), device=query.device, dtype=torch.float32)
     return chunked_info_nce(query, keys, scale, targets, pos_keys, exclude, symmetric, chunk_size)
