@@ -193,14 +193,6 @@ def markdown(summary: dict, machine: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(table: str) -> None:
-    text = DOC.read_text()
-    if START not in text or END not in text:
-        raise RuntimeError(f"{DOC} lacks the {START} / {END} markers")
-    head, rest = text.split(START, 1)
-    DOC.write_text(head + START + "\n" + table + "\n" + END + rest.split(END, 1)[1])
-
-
 def report() -> None:
     summary, machine = summarize(), common.machine_info()
     payload = {"summary": summary, "groups": {g: {"shared_overrides": GROUPS[g][0],
@@ -208,7 +200,7 @@ def report() -> None:
                                                               for m, (r, o, _) in GROUPS[g][1].items()}}
                                               for g in GROUPS}, "machine": machine}
     common.write_json("seed_methods.json", payload)
-    write_doc(markdown(summary, machine))
+    common.write_doc_section(DOC, START, END, markdown(summary, machine))
 
 
 def main() -> None:
