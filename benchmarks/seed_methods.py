@@ -46,7 +46,7 @@ FLICKR_TOWERS = ("{embed_dim: 128, vision_cfg: {image_size: 64, patch_size: 16, 
 DIGIT_TOWERS = ("{embed_dim: 64, vision_cfg: {image_size: 32, patch_size: 4, width: 64, layers: 2, head_width: 32, "
                 "mlp_ratio: 2.0}, text_cfg: {context_length: 16, vocab_size: 49408, width: 64, heads: 2, layers: 2, "
                 "mlp_ratio: 2.0}}")
-IMAGE_ONLY = [f"model.config={IMAGE_TOWER}", "model.ssl_head=[256,64]", "train.batch_size=64", "train.max_steps=150",
+IMAGE_ONLY = [f"model.config={IMAGE_TOWER}", "model.ssl_head=[256,64]", "train.batch_size=64", "train.max_steps=100",
               "optim.warmup_steps=10"]
 PROBE = [("probe", CIFAR, ["--batch-size", "500"])]
 # group -> (shared overrides, {method: (recipe, extra overrides, label)}, evaluations)
@@ -62,14 +62,14 @@ GROUPS = {
         "moco": ("cifar10_moco_tiny", [], "MoCo v2"),
         "moco_mochi": ("cifar10_moco_mochi_tiny", [], "MoCo v2 + MoCHi (256, 256, 64)"),
     }, PROBE),
-    "flickr8k": ([f"model.config={FLICKR_TOWERS}", "train.batch_size=128", "train.max_steps=120",
+    "flickr8k": ([f"model.config={FLICKR_TOWERS}", "train.batch_size=64", "train.max_steps=80",
                   "optim.warmup_steps=10", "model.text_dropout=0.0"], {
         "clip": ("flickr8k_clip_tiny", [], "CLIP"),
         "clip_hcl": ("flickr8k_clip_hcl_tiny", [], "CLIP + HCL (beta 0.1)"),
         "vse": ("flickr8k_vse_tiny", [], "VSE++ (max violation)"),
         "clip_simcse": ("flickr8k_clip_simcse_tiny", ["model.text_dropout=0.1"], "CLIP + SimCSE term (weight 1)"),
     }, [("retrieval", FLICKR, ["--batch-size", "250"]), ("zeroshot", CIFAR, ["--batch-size", "500"])]),
-    "digits": ([f"model.config={DIGIT_TOWERS}", "train.batch_size=128", "train.max_steps=100", "optim.warmup_steps=10",
+    "digits": ([f"model.config={DIGIT_TOWERS}", "train.batch_size=64", "train.max_steps=60", "optim.warmup_steps=10",
                 f"data.train=[{common.DIGITS}]"], {
         "clip": ("digits_clip_tiny", [], "CLIP"),
         "clip_label_positives": ("digits_clip_label_positives", [], "CLIP + label positives"),
@@ -129,6 +129,12 @@ def run_one(group: str, method: str, seed: int) -> None:
     common.say(f"{group}/{method} seed {seed}: {result['eval']}")
 
 
+def run_seconds(group: str, method: str, seed: int) -> float:
+    """Wall time of a run from its start (config.yaml written) to its end (summary.json): no lock waits."""
+    run = run_dir(group, method, seed) / "run"
+    return (run / "summary.json").stat().st_mtime - (run / "config.yaml").stat().st_mtime
+
+
 def mean_se(values: list) -> dict:
     """Mean and standard error of the mean over seeds (se None for a single seed)."""
     se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
@@ -144,7 +150,7 @@ def summarize() -> dict:
             if not results:
                 continue
             row = {"seeds": [r["seed"] for r in results],
-                   "train_minutes": mean_se([r["train"]["train_seconds"] / 60 for r in results]),
+                   "train_minutes": mean_se([run_seconds(group, method, r["seed"]) / 60 for r in results]),
                    "steps": results[0]["train"]["steps"]}
             for key in results[0]["eval"]:
                 for metric in METRICS[key.split("_")[-1]]:
@@ -175,13 +181,13 @@ def markdown(summary: dict, machine: dict) -> str:
     probe = [("kNN top-1", "cifar10_probe/knn_acc1"), ("linear top-1", "cifar10_probe/linear_probe_acc1")]
     recalls = [(f"{'T->I' if d == 'image' else 'I->T'} R@{k}", f"flickr8k_retrieval/{d}_retrieval_recall@{k}")
                for d in ("image", "text") for k in (1, 5, 10)]
-    titles = {"cifar10": ("CIFAR-10, image only (ViT 2 x 64 at 32 px, head 256-64, batch 64, 150 steps); kNN and "
+    titles = {"cifar10": ("CIFAR-10, image only (ViT 2 x 64 at 32 px, head 256-64, batch 64, 100 steps); kNN and "
                           "linear probe on the 10,000 test images", probe),
               "moco": ("CIFAR-10, MoCo v2 (same tower, batch and steps; queue 4,096)", probe),
-              "flickr8k": ("Flickr8k, image-text (ViT 2 x 128 at 64 px patch 16, text 2 x 128, batch 128, 120 "
+              "flickr8k": ("Flickr8k, image-text (ViT 2 x 128 at 64 px patch 16, text 2 x 128, batch 64, 80 "
                            "steps); test retrieval and CIFAR-10 zero-shot",
                            recalls + [("CIFAR-10 zero-shot", "cifar10_zeroshot/acc1")]),
-              "digits": ("Embedded digits, image-text (ViT 2 x 64 at 32 px, batch 128, 100 steps); zero-shot top-1 "
+              "digits": ("Embedded digits, image-text (ViT 2 x 64 at 32 px, batch 64, 60 steps); zero-shot top-1 "
                          "on the 1,000 test digits", [("zero-shot top-1", "digits_zeroshot/acc1")])}
     lines = []
     for group, rows in summary.items():

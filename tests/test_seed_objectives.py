@@ -163,11 +163,12 @@ def test_text_dropout_changes_training_passes_only():
 
 
 def test_token_views_keep_the_special_tokens():
-    tokens = torch.tensor([[49406, 5, 6, 7, 8, 9, 49407, 0], [49406, 5, 49407, 0, 0, 0, 0, 0]])
+    tokens = torch.tensor([[49406, 5, 6, 7, 8, 9, 49407, 0], [49406, 5, 0, 49407, 0, 0, 0, 0]])  # 0: "!" or padding
     torch.manual_seed(0)
     shuffled = token_views(tokens, shuffle=True, cutoff=0.0)
     assert torch.equal(shuffled[:, 0], tokens[:, 0]) and shuffled[0, 6] == 49407 and shuffled[0, 7] == 0
-    assert sorted(shuffled[0, 1:6].tolist()) == [5, 6, 7, 8, 9] and torch.equal(shuffled[1], tokens[1])
+    assert sorted(shuffled[0, 1:6].tolist()) == [5, 6, 7, 8, 9] and shuffled[1, 3] == 49407
+    assert sorted(shuffled[1, 1:3].tolist()) == [0, 5]
     cut = token_views(tokens, shuffle=False, cutoff=0.4)
     assert cut[0].tolist()[:5] in ([49406] + c + [49407] for c in ([5, 6, 7], [5, 6, 8], [5, 6, 9], [5, 7, 8],
                                                                   [5, 7, 9], [5, 8, 9], [6, 7, 8], [6, 7, 9],

@@ -25,7 +25,8 @@ def token_views(tokens: torch.Tensor, shuffle: bool, cutoff: float) -> torch.Ten
     if not shuffle and not cutoff:
         return tokens
     out = torch.full_like(tokens, PAD_ID)
-    lengths = (tokens != PAD_ID).sum(1).tolist()
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    lengths = (torch.where(tokens != PAD_ID, positions, -1).max(1).values + 1).tolist()  # "!" is id 0 too
     for row, length in enumerate(lengths):
         ids = tokens[row, :length]
         words = ids[1:-1]
