@@ -230,9 +230,11 @@ class VSEOptions:
 
     margin: float = 0.2
     violation: Literal["max", "sum"] = "max"  # max: the hardest negative (VSE++); sum: every violation (VSE0)
+    sum_warmup_steps: int = 0  # sum of violations for this many steps before max (VSE-infinity's warm-up)
 
     def check(self, key: str) -> None:
         positive(f"{key}.margin", self.margin)
+        positive(f"{key}.sum_warmup_steps", self.sum_warmup_steps, allow_zero=True)
 
 
 # section name -> its options class; objective name -> the sections it reads (its own first)

@@ -113,8 +113,11 @@ def test_options_reach_the_losses():
     torch.testing.assert_close(losses["loss"], losses["loss/clip"] + 0.5 * losses["loss/simcse"])
     xqueue = make("clip", clip={"cross_modal_queue": 16, "mochi": {"top_k": 4, "s": 2}})
     assert xqueue.mochi == (4, 2, 0) and torch.isfinite(xqueue.losses(xqueue.encode(make_batch()))["loss"])
-    vse = make("vse", vse={"violation": "sum"})
-    assert vse.loss_fn.violation == "sum" and not vse.model.logit_scale.requires_grad
+    vse = make("vse", vse={"violation": "max", "sum_warmup_steps": 2})
+    assert not vse.model.logit_scale.requires_grad
+    for step, expected in ((0, "sum"), (1, "sum"), (2, "max")):
+        vse.before_step(step, 10)
+        assert vse.loss_fn.violation == expected
     supcon = make("supcon")
     assert supcon.uses_labels and supcon.uses_views and not supcon.uses_text
 

@@ -64,7 +64,7 @@ class MoCoLoss(nn.Module):
                             row_negatives=extra, weighting=self.weighting)
         else:
             if self.mochi:
-                raise ValueError("MoCHi mixes hard negatives for one positive per query; it does not combine with i-Mix")
+                raise ValueError("MoCHi mixes negatives for one positive per query; it does not combine with i-Mix")
             offset = get_rank() * query.shape[0]
             loss = info_nce(query, torch.cat([all_gather_no_grad(key), negatives]), 1.0 / self.temperature,
                             diagonal_labels(query.shape[0], offset, device=query.device), chunk_size=self.chunk_size,
