@@ -14,7 +14,8 @@ shared 2-core machine), then evaluates with `mmcl eval`:
 Every (group, method, seed) writes `runs/benchmarks/seed_methods/GROUP/METHOD/sSEED/result.json`; a rerun skips
 the runs whose result exists (resumable), and after each run the summary (mean and standard error over the
 seeds done) is rewritten to benchmarks/results/seed_methods.json and the README table between the markers.
-Every child process takes the shared CPU lock (`flock -s /tmp/mmcl-cpu.lock`).
+Each run (its training and its evaluations) holds the shared CPU lock once (`flock -s /tmp/mmcl-cpu.lock`):
+a child `seed_methods.py --one GROUP METHOD SEED` under the lock does the work.
 
     python benchmarks/seed_methods.py [--groups cifar10,moco,flickr8k,digits] [--seeds 0,1,2] [--report-only]
 """
@@ -37,7 +38,7 @@ FLICKR = common.SHARED_DATA / "flickr8k"
 WORK = common.WORK / "seed_methods"
 DOC = common.REPO / "README.md"
 START, END = "<!-- seed-methods:start -->", "<!-- seed-methods:end -->"
-LOCK = ["flock", "-s", "/tmp/mmcl-cpu.lock"]
+LOCK = ["flock", "-s", "/tmp/mmcl-cpu.lock"]  # around each run's child process, not inside it
 # One compute thread per process: these tiny towers gain nothing from two, and on a shared, busy 2-core machine
 # several threads per process thrash (the test suite's conftest makes the same choice). Accuracy runs only.
 CHILD_ENV = common.child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -94,7 +95,7 @@ def train(group: str, method: str, seed: int) -> dict:
     shared, methods, _ = GROUPS[group]
     recipe, extra, _ = methods[method]
     out = run_dir(group, method, seed)
-    cmd = LOCK + [sys.executable, "-m", "mmcl", "train", str(common.REPO / "recipes" / f"{recipe}.yaml"), *shared,
+    cmd = [sys.executable, "-m", "mmcl", "train", str(common.REPO / "recipes" / f"{recipe}.yaml"), *shared,
                   *extra, f"train.seed={seed}", f"train.output_dir={out / 'run'}", "train.resume=none",
                   "train.progress=false", "train.save_every=0", "train.log_every=10", "eval.datasets=[]",
                   "eval.retrieval=[]", *SMOKE]
@@ -105,7 +106,7 @@ def train(group: str, method: str, seed: int) -> dict:
     metrics = [r for r in read_metrics(out / "run") if r.get("loss") is not None]
     return {"steps": metrics[-1]["step"], "train_seconds": run_seconds(group, method, seed),
             "first_loss": metrics[0]["loss"], "final_loss": metrics[-1]["loss"],
-            "command": " ".join(cmd[len(LOCK) + 1:])}
+            "command": " ".join(cmd[1:])}
 
 
 def evaluate(group: str, method: str, seed: int) -> dict:
@@ -113,7 +114,7 @@ def evaluate(group: str, method: str, seed: int) -> dict:
     out, metrics = run_dir(group, method, seed), {}
     for command, root, options in GROUPS[group][2]:
         folder = out / f"eval_{command}_{root.name}"
-        cmd = LOCK + [sys.executable, "-m", "mmcl", "eval", command, "--model", str(out / "run"), "--data", str(root),
+        cmd = [sys.executable, "-m", "mmcl", "eval", command, "--model", str(out / "run"), "--data", str(root),
                       "--out", str(folder), "--workers", "1", "--no-progress", *options]
         cmd += ["--max-samples", "200"] if SMOKE else []
         result = common.run_logged(cmd, folder.with_suffix(".log"), env=CHILD_ENV)
@@ -125,9 +126,17 @@ def evaluate(group: str, method: str, seed: int) -> dict:
 
 
 def run_one(group: str, method: str, seed: int) -> None:
-    done = run_dir(group, method, seed) / "result.json"
-    if done.is_file():
+    """Train and evaluate one (method, seed) in a child process that holds the shared CPU lock throughout."""
+    out = run_dir(group, method, seed)
+    if (out / "result.json").is_file():
         return
+    cmd = LOCK + [sys.executable, str(Path(__file__).resolve()), "--one", group, method, str(seed)]
+    result = common.run_logged(cmd + (["--smoke"] if SMOKE else []), out / "run_one.log")
+    common.check_ok(result, out / "run_one.log", f"{group}/{method} seed {seed}")
+
+
+def train_and_evaluate(group: str, method: str, seed: int) -> None:
+    done = run_dir(group, method, seed) / "result.json"
     result = {"group": group, "method": method, "seed": seed, "train": train(group, method, seed)}
     result["eval"] = evaluate(group, method, seed)
     done.write_text(json.dumps(result, indent=1) + "\n")
@@ -220,9 +229,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--report-only", action="store_true", help="rewrite the summary from finished runs")
     parser.add_argument("--smoke", action="store_true", help="2 steps per run, eval on 200 samples, no report")
+    parser.add_argument("--one", nargs=3, metavar=("GROUP", "METHOD", "SEED"), help="one run, here (no lock)")
     args = parser.parse_args()
     if args.smoke:
         SMOKE.extend(["train.max_steps=2", "data.shuffle_buffer=10"])
+    if args.one:
+        train_and_evaluate(args.one[0], args.one[1], int(args.one[2]))
+        return
+    if args.smoke:
         for group in args.groups.split(","):
             for method in GROUPS[group][1]:
                 run_one(group, method, 0)

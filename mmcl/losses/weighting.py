@@ -120,7 +120,8 @@ def _row_partials(stats, floor, w, weight):
 
 
 def _weighted_strip_grad(neg, lse_a, lse_b, g_a, g_b, beta, dim):
-    """d loss / d l for the negative entries: g_a (1 + beta) softmax_(1+beta) - ... along rows or columns."""
+    """d loss / d l of the negative entries along rows (dim 1) or columns (dim 0):
+    g_a (1 + beta) exp((1 + beta) l - lse_a) + g_b beta exp(beta l - lse_b)."""
     shape = (slice(None), None) if dim == 1 else (None, slice(None))
     grad = (neg * (1.0 + beta) - lse_a[shape]).exp_().mul_((g_a * (1.0 + beta))[shape])
     if lse_b is not None:
@@ -141,8 +142,8 @@ class ChunkedWeightedInfoNCE(torch.autograd.Function):
             col_loss, col_partials = _row_partials(col, s, w, 0.5 / keys.shape[0])
             loss = loss + col_loss
         ctx.save_for_backward(query, keys, scale, pos_keys, labels, exclude, row_negatives)
-        ctx.stats, ctx.partials, ctx.symmetric, ctx.chunk, ctx.w = (row, col), (row_partials, col_partials), \
-            symmetric, chunk, w
+        ctx.stats, ctx.partials = (row, col), (row_partials, col_partials)
+        ctx.chunk, ctx.w = chunk, w
         return loss.to(query.dtype)
 
     @staticmethod
