@@ -132,6 +132,15 @@ def read_json(path: Path) -> Optional[dict]:
         return None
 
 
+def write_doc_section(doc: Path, start: str, end: str, table: str) -> None:
+    """Replace the text between the markers `start` and `end` of `doc` (a README table) with `table`."""
+    text = doc.read_text()
+    if start not in text or end not in text:
+        raise RuntimeError(f"{doc} lacks the {start} / {end} markers")
+    head, rest = text.split(start, 1)
+    doc.write_text(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
+
+
 def ensure_digits(folder: Path = DIGITS) -> Path:
     """The embedded digits set, built with `mmcl data digits` when it is not there yet."""
     if not (folder / "train" / "sizes.json").is_file():

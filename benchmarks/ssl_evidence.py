@@ -162,14 +162,6 @@ def markdown(results: dict, machine: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(table: str) -> None:
-    text = DOC.read_text()
-    if START not in text or END not in text:
-        raise RuntimeError(f"{DOC} lacks the {START} / {END} markers")
-    head, rest = text.split(START, 1)
-    DOC.write_text(head + START + "\n" + table + "\n" + END + rest.split(END, 1)[1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(RUN_SPECS), help="runs to do, comma-separated")
@@ -186,7 +178,7 @@ def main() -> None:
                "runs": {n: {"recipe": RUN_SPECS[n][0], "overrides": run_overrides(n, args.max_steps)}
                         for n in names}}
     common.say(f"wrote {common.write_json('ssl_evidence.json', payload)}")
-    write_doc(markdown(results, machine))
+    common.write_doc_section(DOC, START, END, markdown(results, machine))
     common.say(f"updated {DOC} ({payload['total_seconds'] / 60:.1f} min)")
 
 

@@ -83,13 +83,37 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"mmcl: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
+# options that several InfoNCE sections share (label-aware, hard-negative, mixing and text-side)
+SHARED_OPTIONS = """\
+options within those sections (e.g. objective.simclr.hard_negatives.beta=1.0):
+  clip, simclr, moco  hard_negatives: {beta, tau_plus, decoupled}  HCL / debiased / decoupled negatives
+                      imix_alpha: i-Mix, mixed images with mixed virtual labels (0: off)
+  moco, clip          mochi: {top_k, s, s_prime}  MoCHi synthetic hard negatives (moco v2; clip's
+                      cross_modal_queue)
+  clip                label_positives: same-class pairs (`cls`) are positives (SupCon-style)
+                      text_ssl_weight, simcse: {temperature, token_shuffle, token_cutoff}  SimCSE text term
+                      (with model.text_dropout)"""
+
+
+def objectives_help() -> str:
+    """`mmcl train --help`'s list of objectives: each objective.name with the first line of its options' doc."""
+    from mmcl.objective_options import SECTION_TYPES, SECTIONS
+
+    lines = ["objectives (objective.name) and the option sections each reads:"]
+    for name, sections in SECTIONS.items():
+        doc = (SECTION_TYPES[name].__doc__ or "").strip().splitlines()[0]
+        lines.append(f"  {name:<9} {doc} [objective.{', objective.'.join(sections)}]")
+    return "\n".join(lines + ["", SHARED_OPTIONS])
+
+
 def build_parser() -> argparse.ArgumentParser:
     from data_pipelines.cli import add_data_subcommands
 
     parser = Parser(prog="mmcl", description="Contrastive pretraining: CLIP, SigLIP, SimCLR, MoCo, SLIP")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train from a YAML recipe", description="Train from a YAML recipe. "
-                       "Run under `accelerate launch -m mmcl train ...` or torchrun for several processes.")
+                       "Run under `accelerate launch -m mmcl train ...` or torchrun for several processes.",
+                       epilog=objectives_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="recipe file, or a name from recipes/ (e.g. digits_clip_tiny)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 train.batch_size=128")
     p.add_argument("--dry-run", action="store_true", help="validate the recipe and build everything the run "

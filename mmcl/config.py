@@ -16,6 +16,7 @@ import yaml
 from mmcl import objective_options
 from mmcl.objective_options import (SECTION_TYPES, SECTIONS, ClipOptions, MoCoOptions, SigLipOptions,
                                    SimCLROptions, SlipOptions)
+from mmcl.objective_options import PairwiseOptions, SupConOptions, TripletOptions, VSEOptions
 
 
 class ConfigError(ValueError):
@@ -39,6 +40,7 @@ class ModelConfig:
     grad_checkpointing: bool = False
     packed_attention: bool = True  # the faster training path for open_clip's attention (mmcl.models.attention)
     ssl_head: List[int] = field(default_factory=lambda: [512, 128])  # hidden..., out dims of the SSL MLP
+    text_dropout: float = 0.0  # dropout on the text tower's residual branches while training (SimCSE's views)
 
 
 @dataclass
@@ -71,6 +73,11 @@ class ObjectiveConfig:
     simclr: Optional[SimCLROptions] = None
     moco: Optional[MoCoOptions] = None
     slip: Optional[SlipOptions] = None
+    # objectives on labels and margins
+    supcon: Optional[SupConOptions] = None
+    triplet: Optional[TripletOptions] = None
+    pairwise: Optional[PairwiseOptions] = None
+    vse: Optional[VSEOptions] = None
 
     def section(self, name: str) -> Any:
         """The options of section `name`: as the recipe gave them, else that section's defaults."""

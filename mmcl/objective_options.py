@@ -14,7 +14,7 @@ This module imports no torch, so `mmcl.config` can build the schema without load
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Tuple
 
 
@@ -32,6 +32,68 @@ def unit_interval(key: str, value: float) -> None:
         raise OptionError(f"{key}: must be in [0, 1], got {value}")
 
 
+# ---- label-aware, hard-negative, mixing and text-side options, shared by several sections -------------------
+
+@dataclass
+class HardNegatives:
+    """Weights on the negatives of an InfoNCE term (a block of `clip`, `simclr` and `moco`); zeros: plain InfoNCE."""
+
+    beta: float = 0.0  # HCL (Robinson et al. 2021): weights exp(beta * logit); 0.5-1 in the paper
+    tau_plus: float = 0.0  # debiasing class prior (Chuang et al. 2020); ~1 / number of classes
+    decoupled: bool = False  # Yeh et al. 2022: the positive leaves the denominator
+
+    def check(self, key: str) -> None:
+        positive(f"{key}.beta", self.beta, allow_zero=True)
+        if not 0 <= self.tau_plus < 1:
+            raise OptionError(f"{key}.tau_plus: must be in [0, 1), got {self.tau_plus}")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.beta or self.tau_plus or self.decoupled)
+
+
+@dataclass
+class MoCHiOptions:
+    """MoCHi (Kalantidis et al. 2020): synthetic hard negatives per query, mixed from its hardest queue entries."""
+
+    top_k: int = 0  # N: how many of the hardest queue entries each query mixes from (0: off; 1024 in the paper)
+    s: int = 0  # negatives mixed from two of them (1024 in the paper)
+    s_prime: int = 0  # negatives mixed from the query and one of them (256 in the paper)
+
+    def check(self, key: str) -> None:
+        for name in ("top_k", "s", "s_prime"):
+            positive(f"{key}.{name}", getattr(self, name), allow_zero=True)
+        if (self.s or self.s_prime) and self.top_k < 2:
+            raise OptionError(f"{key}.top_k: must be >= 2 to mix s / s_prime negatives, got {self.top_k}")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.top_k and (self.s or self.s_prime))
+
+
+@dataclass
+class SimCSEOptions:
+    """The text-side term of CLIP (`clip.text_ssl_weight`): SimCSE (Gao et al. 2021) with ConSERT's token views."""
+
+    temperature: float = 0.05  # SimCSE's
+    token_shuffle: bool = False  # ConSERT: the second view's caption tokens in a random order
+    token_cutoff: float = 0.0  # ConSERT-style cutoff: this fraction of the second view's caption tokens removed
+
+    def check(self, key: str) -> None:
+        positive(f"{key}.temperature", self.temperature)
+        if not 0 <= self.token_cutoff < 1:
+            raise OptionError(f"{key}.token_cutoff: must be in [0, 1), got {self.token_cutoff}")
+
+
+def check_imix(key: str, alpha: float, hard_negatives: HardNegatives) -> None:
+    positive(f"{key}.imix_alpha", alpha, allow_zero=True)
+    if alpha and hard_negatives.active:
+        raise OptionError(f"{key}.imix_alpha: i-Mix's mixed targets do not combine with {key}.hard_negatives "
+                          f"(which needs one positive per row)")
+
+
+# ---- the sections ------------------------------------------------------------------------------------------
+
 @dataclass
 class ClipOptions:
     """CLIP's symmetric InfoNCE (also the CLIP half of SLIP)."""
@@ -41,10 +103,31 @@ class ClipOptions:
     cross_modal_queue: int = 0  # MoCo-style image and text key queues of this size (0: off)
     momentum: float = 0.99  # EMA of the key model that fills the cross-modal queues
     momentum_cosine: bool = False  # anneal that momentum to 1 along a half cosine
+    hard_negatives: HardNegatives = field(default_factory=HardNegatives)  # both directions
+    mochi: MoCHiOptions = field(default_factory=MoCHiOptions)  # synthetic negatives (cross-modal queues only)
+    imix_alpha: float = 0.0  # i-Mix: images mixed with lambda ~ Beta(alpha, alpha), targets mixed (0: off)
+    label_positives: bool = False  # SupCon-style: pairs of the same class (`cls`) are positives, not negatives
+    text_ssl_weight: float = 0.0  # weight of the SimCSE text term (needs model.text_dropout or token views)
+    simcse: SimCSEOptions = field(default_factory=SimCSEOptions)
 
     def check(self, key: str) -> None:
         positive(f"{key}.cross_modal_queue", self.cross_modal_queue, allow_zero=True)
         unit_interval(f"{key}.momentum", self.momentum)
+        self.hard_negatives.check(f"{key}.hard_negatives")
+        self.mochi.check(f"{key}.mochi")
+        self.simcse.check(f"{key}.simcse")
+        positive(f"{key}.text_ssl_weight", self.text_ssl_weight, allow_zero=True)
+        check_imix(key, self.imix_alpha, self.hard_negatives)
+        self.check_combinations(key)
+
+    def check_combinations(self, key: str) -> None:
+        if self.label_positives and (self.hard_negatives.active or self.imix_alpha):
+            raise OptionError(f"{key}.label_positives: several positives per row do not combine with "
+                              f"{key}.hard_negatives or {key}.imix_alpha")
+        if self.mochi.active and not self.cross_modal_queue:
+            raise OptionError(f"{key}.mochi: MoCHi mixes queue entries; set {key}.cross_modal_queue")
+        if self.cross_modal_queue and (self.label_positives or self.imix_alpha):
+            raise OptionError(f"{key}.cross_modal_queue: does not combine with label_positives or imix_alpha")
 
 
 @dataclass
@@ -62,9 +145,13 @@ class SimCLROptions:
     """SimCLR's NT-Xent over two or more augmented views (also SLIP's image-only term)."""
 
     temperature: float = 0.1  # SimCLR: 0.1-0.5; SLIP: 0.1
+    hard_negatives: HardNegatives = field(default_factory=HardNegatives)  # HCL / DCL / decoupled
+    imix_alpha: float = 0.0  # i-Mix on view 0 (0: off; 1.0 in the paper)
 
     def check(self, key: str) -> None:
         positive(f"{key}.temperature", self.temperature)
+        self.hard_negatives.check(f"{key}.hard_negatives")
+        check_imix(key, self.imix_alpha, self.hard_negatives)
 
 
 @dataclass
@@ -76,11 +163,20 @@ class MoCoOptions:
     queue_size: int = 4096  # v2 only; 65,536 at ImageNet scale
     momentum: float = 0.99  # EMA of the key encoder; 0.99-0.999 at scale
     momentum_cosine: bool = False  # anneal to 1 along a half cosine (BYOL / MoCo v3)
+    hard_negatives: HardNegatives = field(default_factory=HardNegatives)  # HCL / DCL / decoupled
+    mochi: MoCHiOptions = field(default_factory=MoCHiOptions)  # v2 only: synthetic hard negatives from the queue
+    imix_alpha: float = 0.0  # i-Mix on view 0 (0: off)
 
     def check(self, key: str) -> None:
         positive(f"{key}.temperature", self.temperature)
         positive(f"{key}.queue_size", self.queue_size)
         unit_interval(f"{key}.momentum", self.momentum)
+        self.hard_negatives.check(f"{key}.hard_negatives")
+        self.mochi.check(f"{key}.mochi")
+        check_imix(key, self.imix_alpha, self.hard_negatives)
+        if self.mochi.active and (self.version == 3 or self.imix_alpha):
+            raise OptionError(f"{key}.mochi: needs MoCo v2's queue and one positive per query "
+                              f"(version 2, no imix_alpha)")
 
 
 @dataclass
@@ -95,6 +191,52 @@ class SlipOptions:
         positive(f"{key}.ssl_weight", self.ssl_weight, allow_zero=True)
 
 
+# ---- objectives on labels and margins: SupCon, triplet, pairwise (Hadsell), VSE++ --------------------------
+
+@dataclass
+class SupConOptions:
+    """SupCon (Khosla et al. 2020): two views, every same-class view of the global batch a positive."""
+
+    temperature: float = 0.1  # the paper's
+
+    def check(self, key: str) -> None:
+        positive(f"{key}.temperature", self.temperature)
+
+
+@dataclass
+class TripletOptions:
+    """Triplet margin loss on two views, negatives mined in the global batch."""
+
+    margin: float = 0.2  # on Euclidean distances of unit vectors (0-2)
+    mining: Literal["semihard", "hardest", "all"] = "semihard"
+
+    def check(self, key: str) -> None:
+        positive(f"{key}.margin", self.margin)
+
+
+@dataclass
+class PairwiseOptions:
+    """Hadsell et al.'s margin-based contrastive (pairwise) loss on two views."""
+
+    margin: float = 1.0  # negatives farther than this (Euclidean, unit vectors: 0-2) cost nothing
+
+    def check(self, key: str) -> None:
+        positive(f"{key}.margin", self.margin)
+
+
+@dataclass
+class VSEOptions:
+    """VSE++ (Faghri et al. 2018): image-text hinge ranking over the global batch."""
+
+    margin: float = 0.2
+    violation: Literal["max", "sum"] = "max"  # max: the hardest negative (VSE++); sum: every violation (VSE0)
+    sum_warmup_steps: int = 0  # sum of violations for this many steps before max (VSE-infinity's warm-up)
+
+    def check(self, key: str) -> None:
+        positive(f"{key}.margin", self.margin)
+        positive(f"{key}.sum_warmup_steps", self.sum_warmup_steps, allow_zero=True)
+
+
 # section name -> its options class; objective name -> the sections it reads (its own first)
 SECTION_TYPES = {"clip": ClipOptions, "siglip": SigLipOptions, "simclr": SimCLROptions, "moco": MoCoOptions,
                  "slip": SlipOptions}
@@ -105,6 +247,10 @@ SECTIONS: Dict[str, Tuple[str, ...]] = {
     "moco": ("moco",),
     "slip": ("slip", "clip", "simclr"),
 }
+# objectives on labels and margins
+SECTION_TYPES.update({"supcon": SupConOptions, "triplet": TripletOptions, "pairwise": PairwiseOptions,
+                      "vse": VSEOptions})
+SECTIONS.update({"supcon": ("supcon",), "triplet": ("triplet",), "pairwise": ("pairwise",), "vse": ("vse",)})
 NAMES: List[str] = list(SECTIONS)
 
 # mmcl 0.1's flat keys: flat name -> (section, key) candidates; the first section the objective reads wins

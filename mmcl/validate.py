@@ -48,6 +48,8 @@ def check_model(recipe: Recipe) -> None:
     positive("model.lock_text_unlocked_layers", m.lock_text_unlocked_layers, allow_zero=True)
     if not m.ssl_head or any(d <= 0 for d in m.ssl_head):
         raise ConfigError(f"model.ssl_head: must be a list of positive sizes, got {m.ssl_head}")
+    if not 0 <= m.text_dropout < 1:
+        raise ConfigError(f"model.text_dropout: must be in [0, 1), got {m.text_dropout}")
 
 
 def check_model_config(config: dict) -> None:
@@ -228,16 +230,60 @@ def check_objective(recipe: Recipe) -> None:
                           f"not {o.name}")
     if recipe.model.cache_locked:
         check_cache(recipe)
-    if o.name in ("simclr", "moco", "slip") and recipe.data.num_views < 2:
+    if o.name in ("simclr", "moco", "slip") + TWO_VIEW and recipe.data.num_views < 2:
         raise ConfigError(f"data.num_views: {o.name} needs at least 2 views, got {recipe.data.num_views}")
+    check_text_ssl(recipe)
+
+
+# ---- objectives on labels and margins, and CLIP's label-aware and text-side options -------------------------
+
+TWO_VIEW = ("supcon", "triplet", "pairwise")
+
+
+def check_text_ssl(recipe: Recipe) -> None:
+    """SimCSE's two views of a caption must differ: dropout in the text tower, or a token augmentation."""
+    clip = recipe.objective.clip
+    if clip is None or not clip.text_ssl_weight:
+        return
+    hf_tower = "hf_model_name" in ((recipe.model.config or {}).get("text_cfg") or {})
+    if not (recipe.model.text_dropout or hf_tower or clip.simcse.token_shuffle or clip.simcse.token_cutoff):
+        raise ConfigError("objective.clip.text_ssl_weight: SimCSE's two views of a caption would be identical; set "
+                          "model.text_dropout (0.1 in the paper) or objective.clip.simcse.token_shuffle / token_cutoff")
+
+
+def needs_labels(recipe: Recipe) -> bool:
+    o = recipe.objective
+    return o.name == "supcon" or (o.name in ("clip", "slip") and o.section("clip").label_positives)
+
+
+def check_labels(recipe: Recipe) -> None:
+    """Objectives on class labels read `cls`: refuse data whose first sample has none, before any training."""
+    from data_pipelines import shards, tarstream
+
+    if not needs_labels(recipe):
+        return
+    for i, source in enumerate(recipe.data.train):
+        url = shards.local_path(shards.expand_urls(source, recipe.data.split)[0])
+        if not Path(url).is_file():
+            continue  # a remote source: its samples are checked as they stream
+        first = next(tarstream.shard_samples(url, lambda err: None), {})
+        if "cls" not in first:
+            have = ", ".join(sorted(k for k in first if not k.startswith("__"))) or "nothing"
+            raise ConfigError(f"data.train[{i}]: objective {recipe.objective.name} needs class labels (`cls` in "
+                              f"each sample); the first sample of {url} has {have}")
 
 
 def check_cache(recipe: Recipe) -> None:
     """The locked-feature cache serves image-text objectives whose locked towers see deterministic local inputs."""
     m, o, d = recipe.model, recipe.objective, recipe.data  # which parts are cached is known once built
-    if o.name not in ("clip", "siglip") or o.cross_modal_queue:
+    clip = o.section("clip") if o.name == "clip" else None
+    if o.name not in ("clip", "siglip") or (clip is not None and clip.cross_modal_queue):
         raise ConfigError(f"model.cache_locked: only objective.name clip or siglip (without cross-modal queues) "
                           f"reads cached features, not {o.name}")
+    for key, value in (("imix_alpha", clip and clip.imix_alpha), ("text_ssl_weight", clip and clip.text_ssl_weight)):
+        if value:  # i-Mix mixes pixels and SimCSE re-encodes tokens: neither exists once a tower is cached
+            raise ConfigError(f"model.cache_locked: objective.clip.{key} needs the towers' inputs, which the cache "
+                              f"replaces; turn one of them off")
     if not (m.lock_image or m.lock_text):
         raise ConfigError("model.cache_locked: no tower is locked (set model.lock_image and/or model.lock_text)")
     if m.lock_image and d.augment and not m.lock_text:
@@ -259,5 +305,5 @@ def check_eval(recipe: Recipe) -> None:
 
 
 def validate(recipe: Recipe) -> None:
-    for check in (check_model, check_optim, check_train, check_objective, check_data, check_eval):
+    for check in (check_model, check_optim, check_train, check_objective, check_data, check_labels, check_eval):
         check(recipe)

@@ -49,7 +49,8 @@ def test_two_processes_equal_one_process_with_global_batch(two_process_results, 
 
 @pytest.mark.slow
 def test_gradients_are_not_trivially_zero(two_process_results):
-    for name in ("clip", "siglip_ring", "ntxent", "moco"):
+    for name in ("clip", "siglip_ring", "ntxent", "moco", "supcon", "ntxent_hcl", "clip_hcl", "vse_max",
+                 "clip_label_positives"):
         assert torch.tensor(two_process_results["cases"][name]["grad_weight"]).abs().max() > 1e-4
     assert abs(two_process_results["cases"]["siglip_ring"]["grad_bias"]) > 1e-4
 

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from mmcl.distributed import all_gather_with_grad, get_rank, is_distributed
-from mmcl.losses.infonce import diagonal_labels, info_nce, l2_normalize
+from mmcl.losses.infonce import diagonal_labels, info_nce, inverse_permutation, l2_normalize
 from mmcl.losses.queue import enqueue_, random_queue
+from mmcl.losses.weighting import NegativeWeighting
 
 
 def _bank_shape(memory_bank_size):
@@ -38,14 +39,20 @@ class NTXentLoss(nn.Module):
             the ``queue`` / ``queue_ptr`` buffers (saved in state_dict, unlike lightly's).
         gather_distributed: use the global batch (in-batch mode) or enqueue gathered features (bank mode).
         chunk_size: rows per strip for the memory-bounded path (default None: dense).
+        weighting: hard-negative weighting (:class:`mmcl.losses.NegativeWeighting`: HCL, debiased, or
+            decoupled, which is lightly's DCLLoss); default plain NT-Xent.
 
-    Forward: ``loss(out0, out1)`` with the two views' projections, shape (N, D). The bank is updated only
-    when ``out0`` requires grad (as in lightly), so evaluation leaves it unchanged.
+    Forward: ``loss(out0, out1, mix=None)`` with the two views' projections, shape (N, D). The bank is updated
+    only when ``out0`` requires grad (as in lightly), so evaluation leaves it unchanged. ``mix = (partner,
+    lam)`` (in-batch mode): view 0 holds i-Mix mixtures ``lam * x_i + (1 - lam) * x_partner[i]``, so row i of
+    view 0 targets view 1 of i (weight lam) and of partner[i] (1 - lam), and view 1 targets view 0 alike.
     """
 
     def __init__(self, temperature: float = 0.5, memory_bank_size: Union[int, Sequence[int]] = 0,
-                 gather_distributed: bool = False, chunk_size: Optional[int] = None):
+                 gather_distributed: bool = False, chunk_size: Optional[int] = None,
+                 weighting: Optional[NegativeWeighting] = None):
         super().__init__()
+        self.weighting = weighting
         if abs(temperature) < 1e-8:
             raise ValueError(f"Illegal temperature: abs({temperature}) < 1e-8")
         self.temperature = temperature
@@ -56,16 +63,19 @@ class NTXentLoss(nn.Module):
         self.register_buffer("queue", random_queue(*shape) if shape else None)
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long) if shape else None)
 
-    def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+    def forward(self, out0: torch.Tensor, out1: torch.Tensor, mix=None) -> torch.Tensor:
         out0, out1 = l2_normalize(out0), l2_normalize(out1)
         if self.queue is None:
-            return self._in_batch_loss(out0, out1)
+            return self._in_batch_loss(out0, out1, mix)
+        if mix is not None:
+            raise ValueError("i-Mix (mix=...) needs in-batch negatives, not a memory bank")
         negatives = self.queue.clone()  # a snapshot: the enqueue below must not alter what backward uses
         if out0.requires_grad:
             enqueue_(self.queue, self.queue_ptr, out1, gather=self.gather_distributed)
-        return info_nce(out0, negatives, 1.0 / self.temperature, pos_keys=out1, chunk_size=self.chunk_size)
+        return info_nce(out0, negatives, 1.0 / self.temperature, pos_keys=out1, chunk_size=self.chunk_size,
+                        weighting=self.weighting)
 
-    def _in_batch_loss(self, out0, out1):
+    def _in_batch_loss(self, out0, out1, mix):
         rows = out0.shape[0]
         if self.gather_distributed and is_distributed():
             all0, all1 = all_gather_with_grad(out0), all_gather_with_grad(out1)
@@ -78,5 +88,10 @@ class NTXentLoss(nn.Module):
         # (column total + i), a view-1 row's is its view 0 (column i); each row drops its own column.
         labels = torch.cat([own + total, own])
         exclude = torch.cat([own, own + total])
+        targets = {}
+        if mix is not None:  # view 1 of partner[i] for view-0 rows; view 0 of inverse[i] for view-1 rows
+            partner, lam = mix
+            targets = {"mix_labels": torch.cat([partner + own[0] + total, inverse_permutation(partner) + own[0]]),
+                       "mix_weight": torch.cat([lam, lam])}
         return info_nce(torch.cat([out0, out1]), torch.cat([all0, all1]), 1.0 / self.temperature,
-                        labels, exclude=exclude, chunk_size=self.chunk_size)
+                        labels, exclude=exclude, chunk_size=self.chunk_size, weighting=self.weighting, **targets)

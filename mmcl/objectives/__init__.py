@@ -10,9 +10,14 @@ from mmcl.objectives.moco import MoCoObjective
 from mmcl.objectives.simclr import SimCLRObjective
 from mmcl.objectives.slip import SlipObjective
 from mmcl.objectives.xqueue import ClipQueueObjective
+# objectives on labels and margins
+from mmcl.objectives.supcon import PairwiseObjective, SupConObjective, TripletObjective
+from mmcl.objectives.vse import VSEObjective
 
 REGISTRY = {"clip": ClipObjective, "siglip": SigLipObjective, "simclr": SimCLRObjective, "moco": MoCoObjective,
             "slip": SlipObjective}
+REGISTRY.update({"supcon": SupConObjective, "triplet": TripletObjective, "pairwise": PairwiseObjective,
+                 "vse": VSEObjective})
 
 
 def model_init_kwargs(recipe: Recipe) -> dict:

@@ -25,6 +25,7 @@ class Objective(nn.Module):
     uses_text = True  # does a batch need captions?
     uses_image = True  # the eval-transformed single view
     uses_views = False  # augmented views (SimCLR / MoCo / SLIP)
+    uses_labels = False  # class labels (`cls`): SupCon, CLIP's label positives
 
     def __init__(self, model: nn.Module):
         super().__init__()

@@ -21,6 +21,8 @@ from mmcl.distributed import is_distributed
 from mmcl.losses import NTXentLoss
 from mmcl.models import ProjectionHead
 from mmcl.objectives.base import Features, Objective
+from mmcl.objectives.clip import negative_weighting
+from mmcl.objectives.imix import mix_images, mix_targets
 
 
 def freeze_text_tower(model: nn.Module) -> None:
@@ -78,34 +80,48 @@ class ViewObjective(Objective):
         freeze_text_tower(model)
         self.head = ProjectionHead(image_embed_dim(model), recipe.model.ssl_head, last_bn=last_bn)
 
+    imix_alpha = 0.0  # i-Mix's Beta(alpha, alpha) on view 0 (0: off), set by the objectives that offer it
+
     def project(self, images: torch.Tensor) -> torch.Tensor:
         """One forward of the image tower and the head (features are not normalised: the losses do it)."""
         return self.head(self.model.encode_image(images))
+
+    def mix_first_view(self, views):
+        """(views, features): with i-Mix on and in training, view 0 mixed and the draw recorded."""
+        if not (self.imix_alpha and self.training):
+            return views, {}
+        mixed, features = mix_images(views[0], self.imix_alpha)
+        return [mixed] + list(views[1:]), features
 
 
 class SimCLRObjective(ViewObjective):
     """NT-Xent between the projections of every pair of views (SimCLR uses two), averaged over pairs.
 
     Args:
-        recipe: `objective.simclr.temperature` (default 0.1; SimCLR uses 0.1-0.5), `objective.chunk_size`.
+        recipe: `objective.simclr.temperature` (default 0.1; SimCLR uses 0.1-0.5), `.hard_negatives` (HCL / DCL /
+            decoupled weighting), `.imix_alpha` (i-Mix on view 0), `objective.chunk_size`.
         memory_bank_size: 0 (default, in-batch negatives as in SimCLR) or a number of past projections kept
             as negatives (lightly's NTXentLoss memory bank). Python API only; recipes keep SimCLR's setting.
     """
 
     def __init__(self, model: nn.Module, recipe: Recipe, memory_bank_size: int = 0):
         super().__init__(model, recipe)
-        temperature = recipe.objective.section("simclr").temperature
+        opts = recipe.objective.section("simclr")
         bank = (memory_bank_size, self.head.out_dim) if memory_bank_size else 0
-        self.loss_fn = NTXentLoss(temperature, bank, gather_distributed=True, chunk_size=recipe.objective.chunk_size)
-        self.num_views = recipe.data.num_views
+        self.loss_fn = NTXentLoss(opts.temperature, bank, gather_distributed=True,
+                                  chunk_size=recipe.objective.chunk_size, weighting=negative_weighting(opts))
+        self.num_views, self.imix_alpha = recipe.data.num_views, opts.imix_alpha
         sync_batchnorm_(self)
 
     def encode(self, batch: dict) -> Features:
-        return {f"z{i}": self.project(view) for i, view in enumerate(batch["views"])}
+        views, features = self.mix_first_view(batch["views"])
+        return {**features, **{f"z{i}": self.project(view) for i, view in enumerate(views)}}
 
     def losses(self, features: Features) -> Dict[str, torch.Tensor]:
         pairs = list(itertools.combinations(range(self.num_views), 2))
-        loss = sum(self.loss_fn(features[f"z{i}"], features[f"z{j}"]) for i, j in pairs) / len(pairs)
+        mix = mix_targets(features)  # i-Mix: view 0 is mixed, so pairs with view 0 have mixed targets
+        loss = sum(self.loss_fn(features[f"z{i}"], features[f"z{j}"], mix=mix if i == 0 else None)
+                   for i, j in pairs) / len(pairs)
         return {"loss": loss, "loss/simclr": loss}
 
     def key_features(self) -> tuple:

@@ -7,6 +7,8 @@ own pair, and the temperature is CLIP's learnable one. After the loss, the gathe
 (identically on every process). Keys come from the slowly moving copy, not from the live towers, so the
 queue stays consistent with the current batch (MoCo's argument); the copy moves in `before_step` by
 `objective.clip.momentum` (default 0.99, cosine to 1 with `objective.clip.momentum_cosine`).
+`objective.clip.hard_negatives` weights the negatives (HCL / DCL / decoupled) and `objective.clip.mochi` adds
+MoCHi's synthetic negatives mixed from each query's hardest entries of the other modality's queue.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from torch import nn
 
 from mmcl.config import Recipe
 from mmcl.distributed import all_gather_no_grad, get_rank
-from mmcl.losses import diagonal_labels, info_nce, l2_normalize
+from mmcl.losses import diagonal_labels, info_nce, l2_normalize, mochi_negatives
 from mmcl.losses.queue import enqueue_, random_queue
 from mmcl.models import cosine_momentum, ema_update, momentum_copy
 from mmcl.objectives.base import Features
@@ -43,6 +45,7 @@ class ClipQueueObjective(ClipObjective):
         self.base_momentum, self.momentum_cosine = cfg.momentum, cfg.momentum_cosine
         self.momentum = cfg.momentum
         self.chunk_size = recipe.objective.chunk_size
+        self.mochi = (cfg.mochi.top_k, cfg.mochi.s, cfg.mochi.s_prime) if cfg.mochi.active else None
 
     def encode(self, batch: dict) -> Features:
         features = super().encode(batch)
@@ -51,20 +54,24 @@ class ClipQueueObjective(ClipObjective):
             features["key_text"] = self.key_model.encode_text(batch["text"], normalize=True)
         return features
 
-    def losses(self, features: Features) -> Dict[str, torch.Tensor]:
+    def contrast(self, features: Features) -> torch.Tensor:
         image, text = l2_normalize(features["image"]), l2_normalize(features["text"])
         key_image = all_gather_no_grad(l2_normalize(features["key_image"]))
         key_text = all_gather_no_grad(l2_normalize(features["key_text"]))
         rows, scale = image.shape[0], self.model.logit_scale.exp()
         labels = diagonal_labels(rows, get_rank() * rows, device=image.device)
-        to_text = info_nce(image, torch.cat([key_text, self.text_queue]), scale, labels, chunk_size=self.chunk_size)
-        to_image = info_nce(text, torch.cat([key_image, self.image_queue]), scale, labels,
-                            chunk_size=self.chunk_size)
-        if self.training:  # torch.cat above copied the queues, so backward sees the pre-update negatives
+        to_text = self._direction(image, key_text, self.text_queue, scale, labels)
+        to_image = self._direction(text, key_image, self.image_queue, scale, labels)
+        if self.training:  # torch.cat in _direction copied the queues: backward sees the pre-update negatives
             enqueue_(self.image_queue, self.image_queue_ptr, key_image, gather=False)
             enqueue_(self.text_queue, self.text_queue_ptr, key_text, gather=False)
-        loss = 0.5 * (to_text + to_image)
-        return {"loss": loss, "loss/clip_queue": loss}
+        return 0.5 * (to_text + to_image)
+
+    def _direction(self, query, keys, queue, scale, labels):
+        """Queries against the keys of the global batch and the other modality's queue (+ MoCHi negatives)."""
+        extra = mochi_negatives(query, queue, *self.mochi) if self.mochi else None
+        return info_nce(query, torch.cat([keys, queue]), scale, labels, chunk_size=self.chunk_size,
+                        row_negatives=extra, weighting=self.loss_fn.weighting)
 
     def before_step(self, step: int, total_steps: int) -> None:
         if self.momentum_cosine:

@@ -88,7 +88,7 @@ def sample_spec(recipe: Recipe, objective: Objective, model_cfg: dict, tokenizer
         tokenizer=(NoTokens() if "text" in cached else CachedTokenizer(tokenizer)) if objective.uses_text else None,
         view_transform=view_transform(size, crop_scale=tuple(d.view_crop_scale), mean=mean, std=std)
         if objective.uses_views else None,
-        num_views=d.num_views, max_pixels=d.max_pixels)
+        num_views=d.num_views, label=objective.uses_labels, max_pixels=d.max_pixels)
 
 
 class DataRng:

@@ -67,6 +67,11 @@ def plain_backward(objective: Objective, batch: dict, accelerator) -> Dict[str, 
     return {k: v.detach() for k, v in losses.items()}
 
 
+def leaf(features: torch.Tensor) -> torch.Tensor:
+    """A cached feature as a leaf that collects its gradient (integer features, such as labels, collect none)."""
+    return features.detach().requires_grad_(features.is_floating_point())
+
+
 def cached_backward(objective: Objective, micro_batches: List[dict], accelerator) -> Dict[str, torch.Tensor]:
     """Feature-cache accumulation (GradCache): exact gradients of the loss over the whole batch.
 
@@ -81,7 +86,7 @@ def cached_backward(objective: Objective, micro_batches: List[dict], accelerator
             with accelerator.autocast():
                 chunks.append(objective.encode(mb))
     after_encode = RngSnapshot(accelerator.device)
-    leaves = {k: torch.cat([c[k] for c in chunks]).detach().requires_grad_(True) for k in chunks[0]}
+    leaves = {k: leaf(torch.cat([c[k] for c in chunks])) for k in chunks[0]}
     with accelerator.autocast():
         losses = objective.losses(leaves)
     accelerator.backward(losses["loss"])

@@ -16,6 +16,7 @@ import torch
 
 from mmcl.distributed import all_gather_no_grad, all_gather_with_grad, all_reduce_mean_, get_rank
 from mmcl.losses import ClipLoss, MoCoLoss, MoCoV3Loss, NTXentLoss, SigLipLoss
+from mmcl.losses import NegativeWeighting, SupConLoss, TripletLoss, VSELoss
 
 ROWS = 4  # per rank
 IN_DIM, DIM = 10, 6
@@ -49,6 +50,36 @@ CASES = {
     "moco_v3": (lambda i, x, t, b: MoCoV3Loss(0.3)(i, x, x, i), EXACT),
     "moco": (_moco, EXACT),
 }
+
+
+# ---- label-aware, hard-negative and ranking losses ---------------------------------------------------------
+LABELS = torch.tensor([0, 1, 0, 2, 1, 1, 2, 0])  # the classes of the global batch: several per class, across ranks
+HCL = NegativeWeighting(beta=1.0, tau_plus=0.1)
+
+
+def _labels(rows: int) -> torch.Tensor:
+    """This rank's classes (all of them in the single-process run, where the rank is 0)."""
+    return LABELS[get_rank() * rows:(get_rank() + 1) * rows]
+
+
+CASES.update({
+    "supcon": (lambda i, x, t, b: SupConLoss(0.3)(i, x, _labels(len(i))), EXACT),
+    "supcon_chunked": (lambda i, x, t, b: SupConLoss(0.3, chunk_size=3)(i, x, _labels(len(i))), EXACT),
+    "ntxent_hcl": (lambda i, x, t, b: NTXentLoss(0.3, gather_distributed=True, weighting=HCL)(i, x), EXACT),
+    "ntxent_hcl_chunked": (lambda i, x, t, b: NTXentLoss(0.3, gather_distributed=True, chunk_size=3,
+                                                         weighting=HCL)(i, x), EXACT),
+    "ntxent_decoupled": (lambda i, x, t, b: NTXentLoss(0.3, gather_distributed=True,
+                                                       weighting=NegativeWeighting(decoupled=True))(i, x), EXACT),
+    "clip_hcl": (lambda i, x, t, b: ClipLoss(weighting=HCL)(i, x, t.exp()), EXACT),
+    "clip_local_hcl_chunked": (lambda i, x, t, b: ClipLoss(local_loss=True, chunk_size=3, weighting=HCL)(
+        i, x, t.exp()), EXACT),
+    "clip_label_positives": (lambda i, x, t, b: ClipLoss()(i, x, t.exp(), classes=_labels(len(i))), EXACT),
+    "clip_local_label_positives": (lambda i, x, t, b: ClipLoss(local_loss=True)(i, x, t.exp(),
+                                                                                 classes=_labels(len(i))), EXACT),
+    "vse_max": (lambda i, x, t, b: VSELoss(0.3, "max")(i, x), EXACT),
+    "vse_sum": (lambda i, x, t, b: VSELoss(0.3, "sum")(i, x), EXACT),
+    "triplet_hardest": (lambda i, x, t, b: TripletLoss(0.5, "hardest")(i, x), EXACT),
+})
 
 
 def global_batch():

@@ -22,6 +22,7 @@ import torch
 
 from mmcl.config import ModelConfig, ObjectiveConfig, Recipe
 from mmcl.objective_options import ClipOptions, MoCoOptions, SimCLROptions, SlipOptions
+from mmcl.objective_options import HardNegatives, SupConOptions, VSEOptions
 from mmcl.distributed import all_reduce_mean_, get_rank
 from mmcl.models import build_model
 from mmcl.objectives import build_objective
@@ -43,6 +44,13 @@ CASES = {
     "moco_v3": ({"name": "moco", "moco": MoCoOptions(version=3, momentum=0.9)}, [32, 16], True),
     "slip": ({"name": "slip", "slip": SlipOptions(ssl_weight=0.5)}, [16], False),
     "clip_xqueue": ({"name": "clip", "clip": ClipOptions(cross_modal_queue=12, momentum=0.9)}, [16], False),
+    # label-aware, hard-negative and ranking objectives
+    "supcon": ({"name": "supcon", "supcon": SupConOptions(temperature=0.2)}, [16], False),
+    "simclr_hcl": ({"name": "simclr", "simclr": SimCLROptions(temperature=0.2, hard_negatives=HardNegatives(1.0, 0.1))},
+                   [16], False),
+    "clip_hcl": ({"name": "clip", "clip": ClipOptions(hard_negatives=HardNegatives(0.5, 0.1))}, [16], False),
+    "clip_label_positives": ({"name": "clip", "clip": ClipOptions(label_positives=True)}, [16], False),
+    "vse": ({"name": "vse", "vse": VSEOptions(margin=0.3)}, [16], False),
 }
 
 
@@ -58,11 +66,13 @@ def global_batch(step: int) -> dict:
     rows = WORLD * ROWS
     return {"views": [torch.randn(rows, 3, 16, 16, generator=g) for _ in range(2)],
             "image": torch.randn(rows, 3, 16, 16, generator=g),
-            "text": torch.randint(1, 64, (rows, 8), generator=g)}
+            "text": torch.randint(1, 64, (rows, 8), generator=g),
+            "label": torch.randint(0, 3, (rows,), generator=g)}
 
 
 def take(batch: dict, rows: slice) -> dict:
-    return {"views": [v[rows] for v in batch["views"]], "image": batch["image"][rows], "text": batch["text"][rows]}
+    return {"views": [v[rows] for v in batch["views"]], "image": batch["image"][rows], "text": batch["text"][rows],
+            "label": batch["label"][rows]}
 
 
 def train_step(objective, batch: dict, step: int) -> torch.Tensor:
