@@ -16,6 +16,7 @@ import yaml
 from mmcl import objective_options
 from mmcl.objective_options import (SECTION_TYPES, SECTIONS, ClipOptions, MoCoOptions, SigLipOptions,
                                    SimCLROptions, SlipOptions)
+from mmcl.objective_options import ByolOptions, PCLOptions, SimSiamOptions, SwAVOptions, VICRegOptions
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,10 @@ class DataConfig:
     crop_scale: List[float] = field(default_factory=lambda: [0.9, 1.0])  # CLIP train crop
     view_crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # SimCLR/MoCo views
     num_views: int = 2
+    # multi-crop (SwAV): small views after the num_views large ones, at their own size and crop scale
+    small_views: int = 0
+    small_view_size: Optional[int] = None  # default: half the model's image size
+    small_view_crop_scale: List[float] = field(default_factory=lambda: [0.05, 0.14])
 
 
 @dataclass
@@ -69,6 +74,12 @@ class ObjectiveConfig:
     simclr: Optional[SimCLROptions] = None
     moco: Optional[MoCoOptions] = None
     slip: Optional[SlipOptions] = None
+    # objectives without negatives and with prototypes
+    byol: Optional[ByolOptions] = None
+    simsiam: Optional[SimSiamOptions] = None
+    vicreg: Optional[VICRegOptions] = None
+    swav: Optional[SwAVOptions] = None
+    pcl: Optional[PCLOptions] = None
 
     def section(self, name: str) -> Any:
         """The options of section `name`: as the recipe gave them, else that section's defaults."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -40,6 +41,11 @@ class RunLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tb.add_scalar(key, value, step)
+
+    def warn(self, step: int, message: str) -> None:
+        """One line `mmcl: warning: step N: ...` on stderr (main process), above the progress bar."""
+        if self.enabled:
+            tqdm.write(f"mmcl: warning: step {step}: {message}", file=sys.stderr)
 
     def progress(self, steps: int, postfix: Optional[Dict[str, str]] = None) -> None:
         if self.bar is not None:

@@ -39,9 +39,9 @@ def split_batch(batch: dict, parts: int) -> List[dict]:
         piece = slice(i * size, (i + 1) * size)
         mb = {}
         for key, value in batch.items():
-            if key in ("skipped", "key"):
+            if key == "skipped":
                 continue
-            mb[key] = [v[piece] for v in value] if key == "views" else value[piece]
+            mb[key] = [v[piece] for v in value] if key == "views" else value[piece]  # keys too (PCL reads them)
         micro.append(mb)
     return micro
 
@@ -81,7 +81,9 @@ def cached_backward(objective: Objective, micro_batches: List[dict], accelerator
             with accelerator.autocast():
                 chunks.append(objective.encode(mb))
     after_encode = RngSnapshot(accelerator.device)
-    leaves = {k: torch.cat([c[k] for c in chunks]).detach().requires_grad_(True) for k in chunks[0]}
+    # features that are not floating point (PCL's cluster rows) ride along without gradients
+    leaves = {k: torch.cat([c[k] for c in chunks]).detach() for k in chunks[0]}
+    leaves = {k: v.requires_grad_(v.is_floating_point()) for k, v in leaves.items()}
     with accelerator.autocast():
         losses = objective.losses(leaves)
     accelerator.backward(losses["loss"])
