@@ -34,7 +34,8 @@ def lightly_head(mmcl_head: nn.Sequential) -> lightly_heads.ProjectionHead:
     for i, linear in enumerate(linears):
         last = i == len(linears) - 1
         norm = copy.deepcopy(norms[i]) if i < len(norms) else None
-        blocks.append((linear.in_features, linear.out_features, norm, None if last else nn.ReLU(), linear.bias is not None))
+        activation = None if last else nn.ReLU()
+        blocks.append((linear.in_features, linear.out_features, norm, activation, linear.bias is not None))
     head = lightly_heads.ProjectionHead(blocks)
     head.layers.load_state_dict(mmcl_head.state_dict())
     return head

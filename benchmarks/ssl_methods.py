@@ -240,7 +240,8 @@ def markdown(rows: dict, speed: dict) -> str:
              "mmcl effective rank | step time mmcl / lightly |", "|---|---|---|---|---|---|---|---|"]
     base = rows.get("untrained/-")
     if base:
-        lines.append(f"| random init (same seeds) | {cell(base['knn_acc1'])} | | {cell(base['linear_probe_acc1'])} | | "
+        lines.append(f"| random init (same seeds) | {cell(base['knn_acc1'])} | | "
+                     f"{cell(base['linear_probe_acc1'])} | | "
                      f"{cell(base['feature_std'], math.sqrt(128), 2)} | {cell(base['effective_rank'], 1, 1)} | |")
     for method in METHODS:
         ours, theirs = rows.get(f"mmcl/{method}"), rows.get(f"lightly/{method}")
@@ -296,7 +297,8 @@ def main(argv=None) -> None:
     global OUT, RUNS, DOC
     torch.set_num_threads(1)  # the machine is shared; one thread per run is the fair share
     if args.tag:
-        OUT, RUNS, DOC = OUT.with_name(f"ssl_methods_{args.tag}"), RUNS.with_name(f"ssl_methods_{args.tag}"), Path("/dev/null")
+        OUT, RUNS = OUT.with_name(f"ssl_methods_{args.tag}"), RUNS.with_name(f"ssl_methods_{args.tag}")
+        DOC = Path("/dev/null")
     if not args.render:
         run_all(args.only, args.seeds, args.steps)
     if not args.tag:

@@ -72,7 +72,8 @@ def compare(method: str, size: str, args) -> dict:
     for repeat in range(args.repeats):
         for name in (["mmcl", "lightly"] if repeat % 2 == 0 else ["lightly", "mmcl"]):
             rates[name].append(timed(sides[name], batches, args.steps, recipe.train.batch_size))
-        common.say(f"{method} {size} r{repeat}: mmcl {rates['mmcl'][-1]:.1f}, lightly {rates['lightly'][-1]:.1f} samples/s")
+        common.say(f"{method} {size} r{repeat}: mmcl {rates['mmcl'][-1]:.1f}, "
+                   f"lightly {rates['lightly'][-1]:.1f} samples/s")
     summary = {name: common.summarize(values) for name, values in rates.items()}
     return {"summary": summary, "ratio": common.ratio(summary["mmcl"], summary["lightly"]),
             "paired": common.paired_ratios(rates["mmcl"], rates["lightly"]),

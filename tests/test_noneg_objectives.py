@@ -225,7 +225,8 @@ def test_pcl_adds_proto_nce_once_clusters_exist():
     objective.clusters.set(ids, cluster(torch.randn(6, 16), [3, 4], 10, 0, "sklearn", 10.0, 0.2))
     after = objective.losses(objective.encode(data))
     assert after["loss/proto_nce"] > 0
-    torch.testing.assert_close(after["loss"].detach(), after["loss/moco_v2"].detach() + after["loss/proto_nce"], **CLOSE)
+    expected = after["loss/moco_v2"].detach() + after["loss/proto_nce"]
+    torch.testing.assert_close(after["loss"].detach(), expected, **CLOSE)
 
 
 # ---- collapse metrics ----------------------------------------------------------------------------------

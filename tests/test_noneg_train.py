@@ -130,8 +130,8 @@ def test_a_collapsing_run_is_warned_about_once(tmp_path, digits_root, capfd, fre
     says so, once."""
     recipe = load_recipe(str(write_recipe(tmp_path, digits_root, "vicreg")),
                          ["train.max_steps=8", "train.log_every=2", "objective.vicreg.variance_weight=0",
-                          "objective.vicreg.covariance_weight=0", "optim.lr=0.05", "optim.warmup_steps=0",
-                          "optim.weight_decay=10"])
+                          "objective.vicreg.covariance_weight=0", "optim.lr=1e-3", "optim.warmup_steps=0",
+                          "optim.weight_decay=500", "optim.schedule=constant"])  # weights x 0.5 per step
     train(recipe)
     warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("mmcl: warning: step ")]
     std = [r["collapse/std"] for r in read_metrics(tmp_path / "run") if "collapse/std" in r]

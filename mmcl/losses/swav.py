@@ -78,5 +78,6 @@ class SwaVLoss(nn.Module):
         total = crops[0].new_zeros(())
         for i, scores in enumerate(high_resolution_outputs):
             codes = self.codes(scores, queue_outputs[i] if queue_outputs is not None else None)
-            total = total + sum(self.subloss(other, codes) for v, other in enumerate(crops) if v != i) / (len(crops) - 1)
+            others = [self.subloss(other, codes) for v, other in enumerate(crops) if v != i]
+            total = total + sum(others) / len(others)
         return total / len(high_resolution_outputs)

@@ -57,7 +57,8 @@ class VICRegLoss(nn.Module):
     def terms(self, z_a: torch.Tensor, z_b: torch.Tensor) -> dict:
         """The three unweighted terms (for logging) and the weighted total under "loss"."""
         if z_a.shape != z_b.shape:
-            raise ValueError(f"VICReg needs two batches of the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
+            raise ValueError(f"VICReg needs two batches of the same shape, got {tuple(z_a.shape)} and "
+                             f"{tuple(z_b.shape)}")
         invariance = invariance_loss(z_a, z_b)
         if self.gather_distributed:
             z_a, z_b = all_gather_with_grad(z_a), all_gather_with_grad(z_b)

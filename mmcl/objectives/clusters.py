@@ -27,7 +27,8 @@ def key_ids(keys: Sequence[str]) -> torch.Tensor:
                          for k in keys], dtype=torch.long)
 
 
-def kmeans(features: np.ndarray, k: int, iters: int, seed: int, backend: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def kmeans(features: np.ndarray, k: int, iters: int, seed: int,
+           backend: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(centroids (k, d), assignment (N,), distance of each point to its centroid (N,)) by a library."""
     features = np.ascontiguousarray(features, dtype=np.float32)
     if backend == "faiss":
@@ -109,7 +110,8 @@ class ClusterState(nn.Module):
         rows = torch.searchsorted(self.key_ids, ids).clamp_max(len(self.key_ids) - 1)
         missing = (self.key_ids[rows] != ids).nonzero()
         if len(missing):
-            raise ValueError(f"sample key {keys[int(missing[0])]!r} was not in the clustering pass over the training set")
+            raise ValueError(f"sample key {keys[int(missing[0])]!r} was not in the clustering pass over the "
+                             f"training set")
         return rows
 
     def clusterings(self, rows: torch.Tensor) -> List[Dict[str, torch.Tensor]]:

@@ -51,7 +51,8 @@ class PCLObjective(MoCoObjective):
         if "cluster_rows" in features:
             clusterings = self.clusters.clusterings(features["cluster_rows"])
             r = self.options.negatives
-            proto = 0.5 * (proto_nce_mean(features["q0"], clusterings, r) + proto_nce_mean(features["q1"], clusterings, r))
+            proto = 0.5 * (proto_nce_mean(features["q0"], clusterings, r)
+                           + proto_nce_mean(features["q1"], clusterings, r))
         return {"loss": out["loss"] + proto, "loss/moco_v2": out["loss"], "loss/proto_nce": proto.detach()}
 
     def before_epoch(self, epoch: int, urls: List[str]) -> None:
