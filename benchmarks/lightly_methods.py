@@ -55,6 +55,19 @@ class LightlyMethod(nn.Module):
     def build(self, objective, recipe) -> None:
         raise NotImplementedError
 
+    def add_momentum_copies(self) -> None:
+        """lightly's momentum encoder: copies of tower and head with requires_grad off."""
+        self.visual_momentum, self.head_momentum = copy.deepcopy(self.visual), copy.deepcopy(self.head)
+        lightly_utils.deactivate_requires_grad(self.visual_momentum)
+        lightly_utils.deactivate_requires_grad(self.head_momentum)
+
+    def momentum_targets(self, views: List[torch.Tensor], m: float) -> List[torch.Tensor]:
+        """update_momentum by m, then the momentum encoder's outputs for the first two views."""
+        lightly_utils.update_momentum(self.visual, self.visual_momentum, m)
+        lightly_utils.update_momentum(self.head, self.head_momentum, m)
+        with torch.no_grad():
+            return [self.head_momentum(self.visual_momentum(x)) for x in views[:2]]
+
     def loss(self, views: List[torch.Tensor], step: int) -> torch.Tensor:
         raise NotImplementedError
 
@@ -86,38 +99,28 @@ class LightlyMoCo(LightlyMethod):
     def build(self, objective, recipe):
         cfg = recipe.objective.section("moco")
         self.head = lightly_head(objective.head)
-        self.visual_momentum, self.head_momentum = copy.deepcopy(self.visual), copy.deepcopy(self.head)
-        lightly_utils.deactivate_requires_grad(self.visual_momentum)
-        lightly_utils.deactivate_requires_grad(self.head_momentum)
+        self.add_momentum_copies()
         self.momentum = cfg.momentum
         self.criterion = lightly_loss.NTXentLoss(temperature=cfg.temperature,
                                                  memory_bank_size=(cfg.queue_size, self.head.layers[-1].out_features))
 
     def loss(self, views, step):
-        lightly_utils.update_momentum(self.visual, self.visual_momentum, self.momentum)
-        lightly_utils.update_momentum(self.head, self.head_momentum, self.momentum)
+        k0, k1 = self.momentum_targets(views, self.momentum)
         q0, q1 = (self.head(self.visual(x)) for x in views[:2])
-        with torch.no_grad():
-            k0, k1 = (self.head_momentum(self.visual_momentum(x)) for x in views[:2])
         return 0.5 * (self.criterion(q0, k1) + self.criterion(q1, k0))
 
 
 class LightlyBYOL(LightlyMethod):
     def build(self, objective, recipe):
         self.head, self.predictor = lightly_head(objective.head), lightly_head(objective.predictor)
-        self.visual_momentum, self.head_momentum = copy.deepcopy(self.visual), copy.deepcopy(self.head)
-        lightly_utils.deactivate_requires_grad(self.visual_momentum)
-        lightly_utils.deactivate_requires_grad(self.head_momentum)
+        self.add_momentum_copies()
         self.m0 = recipe.objective.section("byol").momentum
         self.criterion = lightly_loss.NegativeCosineSimilarity()
 
     def loss(self, views, step):
         m = cosine_schedule(step, self.total_steps + 1, self.m0, 1.0)  # BYOL's schedule over total_steps
-        lightly_utils.update_momentum(self.visual, self.visual_momentum, m)
-        lightly_utils.update_momentum(self.head, self.head_momentum, m)
+        z0, z1 = self.momentum_targets(views, m)
         p0, p1 = (self.predictor(self.head(self.visual(x))) for x in views[:2])
-        with torch.no_grad():
-            z0, z1 = (self.head_momentum(self.visual_momentum(x)) for x in views[:2])
         return 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
 
 

@@ -57,8 +57,11 @@ START, END = "<!-- ssl-methods:start -->", "<!-- ssl-methods:end -->"
 KEYS = ("knn_acc1", "linear_probe_acc1", "feature_std", "effective_rank", "uniformity")
 
 
+EXTRA = []  # trial overrides (`--set`, with `--tag` only)
+
+
 def recipe_for(method: str, seed: int, steps: int, run_dir: Path):
-    overrides = [f"data.train=[{CIFAR}]", f"train.output_dir={run_dir}", f"train.seed={seed}",
+    overrides = EXTRA + [f"data.train=[{CIFAR}]", f"train.output_dir={run_dir}", f"train.seed={seed}",
                  f"train.max_steps={steps}", "train.epochs=100", "train.resume=none", "train.progress=false",
                  "train.save_every=0", "eval.datasets=[]", "data.workers=0", "data.view_crop_scale=[0.2,1.0]"]
     return load_recipe(str(common.REPO / "recipes" / f"cifar10_{method}_tiny.yaml"), overrides)
@@ -164,13 +167,11 @@ def result_file(impl: str, method: str, seed: int) -> Path:
     return OUT / f"{impl}_{method}_s{seed}.json"
 
 
-def jobs(methods, seeds) -> list:
+def jobs(methods, seeds, impls=("mmcl", "lightly")) -> list:
     out = [("untrained", "-", seed) for seed in seeds]
     for seed in seeds:
         for method in methods:
-            out.append(("mmcl", method, seed))
-            if method != "pcl":
-                out.append(("lightly", method, seed))
+            out += [(impl, method, seed) for impl in impls if not (impl == "lightly" and method == "pcl")]
     return out
 
 
@@ -192,8 +193,8 @@ def run_job(impl: str, method: str, seed: int, batches: list, data: "ProbeData")
     common.say(f"{impl} {method} seed {seed}: {metrics}")
 
 
-def run_all(methods, seeds, steps: int) -> None:
-    todo = [job for job in jobs(methods, seeds) if not result_file(*job).is_file()]
+def run_all(methods, seeds, steps: int, impls) -> None:
+    todo = [job for job in jobs(methods, seeds, impls) if not result_file(*job).is_file()]
     for seed in seeds:
         mine = [job for job in todo if job[2] == seed]
         if not mine:
@@ -289,7 +290,12 @@ def parse_args(argv=None):
     p.add_argument("--only", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--render", action="store_true", help="only redraw the summary and the table")
     p.add_argument("--tag", default="", help="a trial: results in results/ssl_methods_TAG/, README untouched")
-    return p.parse_args(argv)
+    p.add_argument("--set", nargs="+", default=[], help="a trial's recipe overrides (with --tag)")
+    p.add_argument("--impl", nargs="+", choices=("mmcl", "lightly"), default=["mmcl", "lightly"])
+    args = p.parse_args(argv)
+    if args.set and not args.tag:
+        p.error("--set changes the recipes: give the trial a --tag")
+    return args
 
 
 def main(argv=None) -> None:
@@ -299,8 +305,9 @@ def main(argv=None) -> None:
     if args.tag:
         OUT, RUNS = OUT.with_name(f"ssl_methods_{args.tag}"), RUNS.with_name(f"ssl_methods_{args.tag}")
         DOC = Path("/dev/null")
+        EXTRA[:] = args.set
     if not args.render:
-        run_all(args.only, args.seeds, args.steps)
+        run_all(args.only, args.seeds, args.steps, args.impl)
     if not args.tag:
         render()
     else:

@@ -144,7 +144,7 @@ def test_momentum_update_and_cosine_schedule_match_lightly():
 
 # ---- whole objectives against lightly's modules, driven the way lightly's examples drive them ----------
 
-def make(name: str, ssl_head, data=None, **sections):
+def make(name: str, ssl_head=(32, 16), data=None, **sections):
     torch.manual_seed(0)
     options = {s: SECTION_TYPES[s](**v) for s, v in sections.items()}
     recipe = Recipe(model=ModelConfig(config=TINY, ssl_head=list(ssl_head)),

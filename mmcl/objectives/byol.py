@@ -17,7 +17,7 @@ from torch import nn
 
 from mmcl.config import Recipe
 from mmcl.losses.byol import symmetric_negative_cosine
-from mmcl.models import ProjectionHead, cosine_momentum, ema_update, momentum_copy
+from mmcl.models import ProjectionHead, ema_step, momentum_copy
 from mmcl.objectives.base import Features
 from mmcl.objectives.collapse import WatchedViewObjective
 from mmcl.objectives.simclr import sync_batchnorm_
@@ -64,10 +64,8 @@ class BYOLObjective(WatchedViewObjective):
 
     def before_step(self, step: int, total_steps: int) -> None:
         """Move the target towards the online network before this step's targets are computed."""
-        if self.momentum_cosine:
-            self.momentum = cosine_momentum(self.base_momentum, step, total_steps)
-        ema_update(self.target_visual, self.model.visual, self.momentum)
-        ema_update(self.target_head, self.head, self.momentum)
+        pairs = ((self.target_visual, self.model.visual), (self.target_head, self.head))
+        self.momentum = ema_step(pairs, self.base_momentum, step, total_steps, self.momentum_cosine)
 
     def log_values(self) -> Dict[str, float]:
         return {**super().log_values(), "momentum": float(self.momentum)}
