@@ -28,7 +28,8 @@ from data_pipelines.decode import BadSample
 
 @dataclass
 class SampleSpec:
-    """What one sample turns into. `image` uses `image_transform`; `views` applies `view_transform` n times.
+    """What one sample turns into. `image` uses `image_transform`; `views` applies `view_transform` n times
+    (then `small_view_transform` m times: SwAV's multi-crop).
     An image transform with a `finish` method is applied in two halves: per sample, then `finish` per batch."""
 
     image_transform: Optional[Callable] = None
@@ -37,6 +38,11 @@ class SampleSpec:
     num_views: int = 2
     label: bool = False
     max_pixels: int = decode.DEFAULT_MAX_PIXELS
+    small_view_transform: Optional[Callable] = None  # multi-crop: `num_small_views` more views after the others
+    num_small_views: int = 0
+
+    def view_count(self) -> int:
+        return self.num_views + (self.num_small_views if self.small_view_transform is not None else 0)
 
     def fields(self) -> List[str]:
         names = []
@@ -182,6 +188,8 @@ class ShardStream(IterableDataset):
             out["image"] = spec.image_transform(image)
         if spec.view_transform is not None:
             out["views"] = [spec.view_transform(image) for _ in range(spec.num_views)]
+            if spec.small_view_transform is not None:
+                out["views"] += [spec.small_view_transform(image) for _ in range(spec.num_small_views)]
         return out
 
     def collate(self, samples: List[dict], counter: SkipCounter) -> dict:
@@ -197,7 +205,7 @@ class ShardStream(IterableDataset):
             batch["caption"] = [s["caption"] for s in samples]
             batch["text"] = self.spec.tokenizer(batch["caption"])
         if "views" in samples[0]:
-            batch["views"] = [torch.stack([s["views"][v] for s in samples]) for v in range(self.spec.num_views)]
+            batch["views"] = [torch.stack([s["views"][v] for s in samples]) for v in range(self.spec.view_count())]
         if "label" in samples[0]:
             batch["label"] = torch.tensor([s["label"] for s in samples])
         return batch

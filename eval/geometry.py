@@ -59,3 +59,24 @@ def geometry_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
         "modality_gap": modality_gap(image_features, text_features),
         "mean_pair_cosine": float((paired_images.double() * text_features.double()).sum(dim=1).mean()),
     }
+
+
+def dimension_std(x: torch.Tensor) -> float:
+    """Mean per-dimension standard deviation of (L2-normalised) features: 0 when they collapse to one point,
+    about 1 / sqrt(dim) when they spread over the sphere."""
+    if len(x) < 2:
+        raise ValueError(f"a standard deviation needs at least 2 points, got {len(x)}")
+    return float(x.double().std(dim=0).mean())
+
+
+def effective_rank(x: torch.Tensor) -> float:
+    """exp(entropy) of the normalised singular values (Roy & Vetterli 2007): 1 (a line) to min(N, dim)."""
+    singular = torch.linalg.svdvals(x.double())
+    p = singular / singular.sum() + 1e-12
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def collapse_metrics(features: torch.Tensor) -> Dict[str, float]:
+    """What shows a collapsed image tower: per-dimension std, effective rank and uniformity of its features."""
+    return {"feature_std": dimension_std(features), "effective_rank": effective_rank(features),
+            "uniformity": uniformity(features)}

@@ -7,7 +7,8 @@ classification):
 - "zeroshot_retrieval" (alias "retrieval"): recall@k both ways, mean / median ranks (+ geometry if asked);
 - "geometry": alignment, uniformity, modality gap of the image and caption embeddings;
 - "knn" / "linear_probe" (alias "probe"): frozen image features, `train_split` -> `split`; kNN, plus a
-  logistic-regression probe for "linear_probe". No text tower needed (SimCLR / MoCo models).
+  logistic-regression probe for "linear_probe", and the test features' collapse metrics (feature_std,
+  effective_rank, uniformity). No text tower needed (SimCLR / MoCo / BYOL ... models).
 The result: {"dataset", "root", "split", "task", "metrics", "samples", "skipped", "seconds",
 "images_per_s", "threads", "details"} where details holds what the plots need and threads what the model ran
 with on a CPU (eval.threads).
@@ -25,7 +26,7 @@ import torch
 from data_pipelines import shards
 from eval.datasets import CLASSIFICATION, RETRIEVAL, SplitInfo, describe_split
 from eval.features import Features, eval_mode, model_device, split_features
-from eval.geometry import geometry_metrics
+from eval.geometry import collapse_metrics, geometry_metrics
 from eval.probe import knn_metrics, linear_probe_metrics
 from eval.retrieval import DEFAULT_KS, evaluate_retrieval, recall_curve
 from eval.threads import fixed_threads
@@ -113,6 +114,7 @@ def _probe(model, preprocess, root, split, opts: EvalOptions, linear: bool):
     if linear:
         metrics.update(linear_probe_metrics(train.image, train.labels, test.image, test.labels, classes,
                                             opts.probe_c))
+    metrics.update(collapse_metrics(test.image))  # a collapsed tower shows here before its accuracy does
     test.skipped = dict(Counter(train.skipped) + Counter(test.skipped))  # bad samples of both splits
     return info, test, metrics, {"train_split": opts.train_split, "train_samples": train.samples}
 

@@ -17,6 +17,7 @@ from mmcl import objective_options
 from mmcl.objective_options import (SECTION_TYPES, SECTIONS, ClipOptions, MoCoOptions, SigLipOptions,
                                    SimCLROptions, SlipOptions)
 from mmcl.objective_options import PairwiseOptions, SupConOptions, TripletOptions, VSEOptions
+from mmcl.objective_options import ByolOptions, PCLOptions, SimSiamOptions, SwAVOptions, VICRegOptions
 
 
 class ConfigError(ValueError):
@@ -60,6 +61,10 @@ class DataConfig:
     augment: bool = True  # false: train on the eval transform (resize, centre crop), as a cached image tower needs
     view_crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # SimCLR/MoCo views
     num_views: int = 2
+    # multi-crop (SwAV): small views after the num_views large ones, at their own size and crop scale
+    small_views: int = 0
+    small_view_size: Optional[int] = None  # default: half the model's image size
+    small_view_crop_scale: List[float] = field(default_factory=lambda: [0.05, 0.14])
 
 
 @dataclass
@@ -78,6 +83,12 @@ class ObjectiveConfig:
     triplet: Optional[TripletOptions] = None
     pairwise: Optional[PairwiseOptions] = None
     vse: Optional[VSEOptions] = None
+    # objectives without negatives and with prototypes
+    byol: Optional[ByolOptions] = None
+    simsiam: Optional[SimSiamOptions] = None
+    vicreg: Optional[VICRegOptions] = None
+    swav: Optional[SwAVOptions] = None
+    pcl: Optional[PCLOptions] = None
 
     def section(self, name: str) -> Any:
         """The options of section `name`: as the recipe gave them, else that section's defaults."""

@@ -301,3 +301,101 @@ def check_sections(name: str, given: List[str]) -> None:
         if section not in reads:  # (a section set to null is absent: `objective.slip=null` drops it)
             raise OptionError(f"objective.{section}: options of objective {section}, but objective.name is "
                               f"{name} (it reads {', '.join('objective.' + s for s in reads)})")
+
+
+# ---- objectives without negatives (BYOL, SimSiam, VICReg) and with prototypes (SwAV, PCL) -----------------
+from dataclasses import field  # noqa: E402  (imports of this block, kept with it)
+from typing import Optional  # noqa: E402
+
+
+def head_sizes(key: str, sizes) -> None:
+    if sizes is not None and (not sizes or any(d <= 0 for d in sizes)):
+        raise OptionError(f"{key}: must be a list of positive sizes (hidden..., out), got {sizes}")
+
+
+@dataclass
+class ByolOptions:
+    """BYOL: the online network's predictor regresses the projection of an EMA target network."""
+
+    momentum: float = 0.99  # m0, the target's EMA momentum at step 0 (BYOL: 0.996 at batch 4096)
+    momentum_cosine: bool = True  # raise it to 1 along a half cosine over the run (BYOL's schedule)
+    predictor: Optional[List[int]] = None  # hidden..., out; default [model.ssl_head[0], model.ssl_head[-1]]
+
+    def check(self, key: str) -> None:
+        unit_interval(f"{key}.momentum", self.momentum)
+        head_sizes(f"{key}.predictor", self.predictor)
+
+
+@dataclass
+class SimSiamOptions:
+    """SimSiam: predictor + stop-gradient, no momentum copy; the projector ends in BatchNorm."""
+
+    predictor: Optional[List[int]] = None  # hidden..., out; default [out // 4, out] (SimSiam's bottleneck)
+
+    def check(self, key: str) -> None:
+        head_sizes(f"{key}.predictor", self.predictor)
+
+
+@dataclass
+class VICRegOptions:
+    """VICReg: invariance + variance + covariance, the last two over the global batch."""
+
+    invariance_weight: float = 25.0  # lambda
+    variance_weight: float = 25.0  # mu
+    covariance_weight: float = 1.0  # nu
+    eps: float = 1.0e-4  # inside the square root of the variance
+    gather_distributed: bool = True  # variance and covariance of the global batch (gathered with gradients)
+
+    def check(self, key: str) -> None:
+        for name in ("invariance_weight", "variance_weight", "covariance_weight"):
+            positive(f"{key}.{name}", getattr(self, name), allow_zero=True)
+        positive(f"{key}.eps", self.eps)
+
+
+@dataclass
+class SwAVOptions:
+    """SwAV: swapped prediction of Sinkhorn-Knopp codes over learnable prototypes, multi-crop views."""
+
+    prototypes: int = 3000
+    temperature: float = 0.1
+    sinkhorn_iterations: int = 3
+    sinkhorn_epsilon: float = 0.05
+    freeze_prototypes_steps: int = 313  # the prototypes get no update for this many first steps
+    queue_size: int = 0  # past features of each large crop (SwAV: 3840 for small batches); 0: no queue
+    queue_start: int = 0  # step from which features are queued (SwAV: epoch 15); the queue is used once full
+
+    def check(self, key: str) -> None:
+        positive(f"{key}.prototypes", self.prototypes)
+        positive(f"{key}.temperature", self.temperature)
+        positive(f"{key}.sinkhorn_iterations", self.sinkhorn_iterations)
+        positive(f"{key}.sinkhorn_epsilon", self.sinkhorn_epsilon)
+        for name in ("freeze_prototypes_steps", "queue_size", "queue_start"):
+            positive(f"{key}.{name}", getattr(self, name), allow_zero=True)
+
+
+@dataclass
+class PCLOptions:
+    """PCL: ProtoNCE over k-means prototypes of the momentum encoder's features, added to MoCo v2's InfoNCE.
+
+    Its InfoNCE half reads `objective.moco` (temperature, queue, momentum; version 2)."""
+
+    num_clusters: List[int] = field(default_factory=lambda: [25000, 50000, 100000])  # PCL's, for ImageNet
+    warmup_epochs: int = 20  # InfoNCE alone for these first epochs (PCL: 20 of 200)
+    negatives: int = 16000  # r: negative prototypes sampled per clustering
+    kmeans: Literal["sklearn", "faiss"] = "sklearn"  # the clustering library (faiss: pip install faiss-cpu)
+    kmeans_iters: int = 20
+    alpha: float = 10.0  # concentration of a cluster: mean distance / log(size + alpha)
+
+    def check(self, key: str) -> None:
+        if not self.num_clusters or any(k < 2 for k in self.num_clusters):
+            raise OptionError(f"{key}.num_clusters: must be a list of cluster counts >= 2, got {self.num_clusters}")
+        positive(f"{key}.warmup_epochs", self.warmup_epochs, allow_zero=True)
+        for name in ("negatives", "kmeans_iters", "alpha"):
+            positive(f"{key}.{name}", getattr(self, name))
+
+
+SECTION_TYPES.update({"byol": ByolOptions, "simsiam": SimSiamOptions, "vicreg": VICRegOptions,
+                      "swav": SwAVOptions, "pcl": PCLOptions})
+SECTIONS.update({"byol": ("byol",), "simsiam": ("simsiam",), "vicreg": ("vicreg",), "swav": ("swav",),
+                 "pcl": ("pcl", "moco")})
+NAMES.extend(["byol", "simsiam", "vicreg", "swav", "pcl"])

@@ -304,6 +304,50 @@ def check_eval(recipe: Recipe) -> None:
                 raise ConfigError(f"eval.{key}[{i}]: no split folder {Path(root, e.split)}")
 
 
+# ---- objectives without negatives and with prototypes (BYOL, SimSiam, VICReg, SwAV, PCL) ----------------
+VIEW_OBJECTIVES = ("byol", "simsiam", "vicreg", "swav", "pcl")
+
+
+def check_views_and_heads(recipe: Recipe) -> None:
+    """Views, multi-crop and predictor sizes of the objectives without negatives or with prototypes."""
+    o, d = recipe.objective, recipe.data
+    if o.name in VIEW_OBJECTIVES and d.num_views < 2:
+        raise ConfigError(f"data.num_views: {o.name} needs at least 2 views, got {d.num_views}")
+    positive("data.small_views", d.small_views, allow_zero=True)
+    if d.small_views and o.name != "swav":
+        raise ConfigError(f"data.small_views: only objective swav uses small (multi-crop) views, not {o.name}")
+    if d.small_view_size is not None:
+        positive("data.small_view_size", d.small_view_size)
+    lo_hi = d.small_view_crop_scale
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+        raise ConfigError(f"data.small_view_crop_scale: must be [low, high] with 0 < low <= high <= 1, got {lo_hi}")
+    if o.name in ("byol", "simsiam"):
+        predictor = o.section(o.name).predictor
+        if predictor is not None and predictor[-1] != recipe.model.ssl_head[-1]:
+            raise ConfigError(f"objective.{o.name}.predictor: its output ({predictor[-1]}) must be the projection's "
+                              f"size, model.ssl_head[-1] = {recipe.model.ssl_head[-1]}")
+    if o.name == "pcl":
+        check_pcl(recipe)
+
+
+def check_pcl(recipe: Recipe) -> None:
+    from data_pipelines import shards
+
+    pcl, moco = recipe.objective.section("pcl"), recipe.objective.section("moco")
+    if moco.version != 2:
+        raise ConfigError(f"objective.moco.version: PCL adds ProtoNCE to MoCo v2, got version {moco.version}")
+    if pcl.kmeans == "faiss":
+        import importlib.util
+
+        if importlib.util.find_spec("faiss") is None:
+            raise ConfigError("objective.pcl.kmeans: faiss is not installed (pip install faiss-cpu), or use sklearn")
+    sizes = [shards.split_size(s, recipe.data.split) if Path(s).is_dir() else None for s in recipe.data.train]
+    if all(size is not None for size in sizes) and max(pcl.num_clusters) > sum(sizes):
+        raise ConfigError(f"objective.pcl.num_clusters: {max(pcl.num_clusters)} clusters for {sum(sizes)} training "
+                          f"samples; k-means needs at least as many samples as clusters")
+
+
 def validate(recipe: Recipe) -> None:
-    for check in (check_model, check_optim, check_train, check_objective, check_data, check_labels, check_eval):
+    for check in (check_model, check_optim, check_train, check_objective, check_data, check_labels, check_eval,
+                  check_views_and_heads):
         check(recipe)

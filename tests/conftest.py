@@ -241,3 +241,11 @@ def run_worker(name: str, out: Path, nproc: int = 2, timeout: float = 300) -> di
                                timeout=timeout)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return json.loads(Path(out).read_text())
+
+
+def assert_same_gradients(expected: torch.nn.Module, got: torch.nn.Module, **tolerance) -> None:
+    """The two modules (copies of each other) hold the same gradients: None in the same places, equal elsewhere."""
+    for (key, a), b in zip(expected.named_parameters(), got.parameters()):
+        assert (a.grad is None) == (b.grad is None), key
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, **tolerance, msg=key)

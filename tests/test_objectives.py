@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from conftest import assert_same_gradients
 from lightly.loss import NTXentLoss as LightlyNTXentLoss
 
 from mmcl.config import ConfigError, ModelConfig, ObjectiveConfig, Recipe, prepare_objective
@@ -223,10 +224,7 @@ def test_feature_cache_accumulation_equals_plain_backward(name, options):
     plain_losses = T.plain_backward(plain, batch, accelerator)
     cached_losses = T.cached_backward(cached, T.split_batch(batch, 2), accelerator)
     torch.testing.assert_close(cached_losses["loss"], plain_losses["loss"], **CLOSE)
-    for (key, a), b in zip(plain.named_parameters(), cached.parameters()):
-        assert (a.grad is None) == (b.grad is None), key
-        if a.grad is not None:
-            torch.testing.assert_close(b.grad, a.grad, **CLOSE, msg=key)
+    assert_same_gradients(plain, cached, **CLOSE)
     for (key, a), b in zip(plain.named_buffers(), cached.buffers()):
         if "queue" in key:
             torch.testing.assert_close(b, a, **CLOSE, msg=key)

@@ -74,7 +74,7 @@ def test_two_processes_equal_one_process_with_doubled_batch(two_process_results,
     for key, value in single.items():
         torch.testing.assert_close(distributed[key], value.float(), atol=2e-5, rtol=1e-4, msg=key)
     queues = [k for k in single if k.endswith("queue")]
-    assert len(queues) == {"moco_v2": 1, "clip_xqueue": 2}.get(name, 0)
+    assert len(queues) == {"moco_v2": 1, "clip_xqueue": 2, "swav": 1}.get(name, 0)
 
 
 def knn_acc1(model, root: str) -> float:

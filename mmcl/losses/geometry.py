@@ -27,3 +27,30 @@ def uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     squared = torch.pdist(l2_normalize(x), p=2).pow(2)
     # log-mean-exp through logsumexp so that large t does not underflow to log(0).
     return torch.logsumexp(-t * squared, dim=0) - math.log(squared.numel())
+
+
+# ---- collapse of the objectives without negatives (BYOL, SimSiam, VICReg, SwAV) --------------------------
+
+def dimension_std(x: torch.Tensor) -> torch.Tensor:
+    """Mean over dimensions of the standard deviation over rows of the L2-normalised features.
+
+    SimSiam's collapse monitor: 0 when every row is the same vector, about 1 / sqrt(dim) when the rows
+    spread over the sphere (a Gaussian's direction has that per-dimension std).
+    """
+    return l2_normalize(x).std(dim=0).mean()
+
+
+def effective_rank(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """exp(entropy) of the normalised singular values of the L2-normalised features (Roy & Vetterli 2007;
+    RankMe). From 1 (all rows on one line) up to min(rows, dim)."""
+    singular = torch.linalg.svdvals(l2_normalize(x).float())
+    p = singular / singular.sum().clamp_min(eps) + eps
+    return torch.exp(-(p * p.log()).sum())
+
+
+@torch.no_grad()
+def collapse_metrics(x: torch.Tensor) -> dict:
+    """{"std", "effective_rank", "uniformity"} of a batch of outputs, as floats, for logging."""
+    x = x.detach().float()
+    return {"std": float(dimension_std(x)), "effective_rank": float(effective_rank(x)),
+            "uniformity": float(uniformity(x)) if x.shape[0] > 1 else float("nan")}

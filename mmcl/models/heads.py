@@ -1,8 +1,10 @@
-"""Projection heads shared by the objectives (SimCLR / MoCo / SLIP) and the MoCo v3 predictor."""
+"""Projection heads shared by the objectives (SimCLR / MoCo / SLIP / BYOL / ...), predictors, SwAV's prototypes."""
 from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -23,3 +25,25 @@ class ProjectionHead(nn.Sequential):
             layers.append(nn.BatchNorm1d(dims[-1], affine=False))
         super().__init__(*layers)
         self.out_dim = dims[-1]
+
+
+class Prototypes(nn.Module):
+    """SwAV's prototypes: K unit vectors; scores are cosine similarities with normalised features.
+
+    A bias-free Linear (as in SwAV's code; lightly's `SwaVPrototypes` has a bias) whose rows `normalize_`
+    puts back on the unit sphere before each step.
+    """
+
+    def __init__(self, dim: int, count: int):
+        super().__init__()
+        self.layer = nn.Linear(dim, count, bias=False)
+        self.normalize_()
+
+    @torch.no_grad()
+    def normalize_(self) -> None:
+        self.layer.weight.copy_(F.normalize(self.layer.weight, dim=1))
+
+    def forward(self, features: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """Scores (N, K); `frozen` keeps the prototypes out of the graph (SwAV's first iterations)."""
+        weight = self.layer.weight.detach() if frozen else self.layer.weight
+        return features @ weight.T

@@ -31,3 +31,12 @@ def cosine_momentum(base: float, step: int, total_steps: int) -> float:
         return base
     progress = min(step / total_steps, 1.0)
     return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+def ema_step(pairs, base: float, step: int, total_steps: int, cosine: bool) -> float:
+    """Move every target of the (target, source) pairs by this step's momentum and return it: `base`, or with
+    `cosine` `base` raised towards 1 along a half cosine (BYOL, MoCo v3). Called before the step's forward."""
+    momentum = cosine_momentum(base, step, total_steps) if cosine else base
+    for target, source in pairs:
+        ema_update(target, source, momentum)
+    return momentum

@@ -19,6 +19,16 @@ REGISTRY = {"clip": ClipObjective, "siglip": SigLipObjective, "simclr": SimCLROb
 REGISTRY.update({"supcon": SupConObjective, "triplet": TripletObjective, "pairwise": PairwiseObjective,
                  "vse": VSEObjective})
 
+# objectives without negatives and with prototypes
+from mmcl.objectives.byol import BYOLObjective  # noqa: E402
+from mmcl.objectives.pcl import PCLObjective  # noqa: E402
+from mmcl.objectives.simsiam import SimSiamObjective  # noqa: E402
+from mmcl.objectives.swav import SwAVObjective  # noqa: E402
+from mmcl.objectives.vicreg import VICRegObjective  # noqa: E402
+
+REGISTRY.update({"byol": BYOLObjective, "simsiam": SimSiamObjective, "vicreg": VICRegObjective,
+                 "swav": SwAVObjective, "pcl": PCLObjective})
+
 
 def model_init_kwargs(recipe: Recipe) -> dict:
     """Extra model construction arguments an objective needs (SigLIP's scale and bias)."""

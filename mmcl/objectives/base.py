@@ -6,7 +6,7 @@ each micro-batch with gradients and back-propagates the cached feature gradients
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -57,6 +57,14 @@ class Objective(nn.Module):
     def log_values(self) -> Dict[str, float]:
         """Scalars worth logging besides the losses (temperature, momentum, ...)."""
         return {}
+
+    def before_epoch(self, epoch: int, urls: List[str]) -> None:
+        """Called before the first step of each epoch (not when a run resumes inside one) with the training
+        shards; PCL clusters the training set here."""
+
+    def warning(self) -> Optional[str]:
+        """A problem worth telling the user about (e.g. collapse), checked at each log record; None if fine."""
+        return None
 
     def key_features(self) -> tuple:
         """Feature names that differ per sample and are gathered/concatenated across micro-batches."""

@@ -22,7 +22,7 @@ from torch import nn
 
 from mmcl.config import Recipe
 from mmcl.losses import MoCoLoss, MoCoV3Loss, inverse_permutation
-from mmcl.models import ProjectionHead, cosine_momentum, ema_update, momentum_copy
+from mmcl.models import ProjectionHead, ema_step, momentum_copy
 from mmcl.objectives.base import Features
 from mmcl.objectives.clip import negative_weighting
 from mmcl.objectives.imix import mix_targets
@@ -83,10 +83,8 @@ class MoCoObjective(ViewObjective):
 
     def before_step(self, step: int, total_steps: int) -> None:
         """Move the key encoder towards the query encoder before this step's keys are computed."""
-        if self.momentum_cosine:
-            self.momentum = cosine_momentum(self.base_momentum, step, total_steps)
-        ema_update(self.key_visual, self.model.visual, self.momentum)
-        ema_update(self.key_head, self.head, self.momentum)
+        pairs = ((self.key_visual, self.model.visual), (self.key_head, self.head))
+        self.momentum = ema_step(pairs, self.base_momentum, step, total_steps, self.momentum_cosine)
 
     def log_values(self) -> Dict[str, float]:
         return {"momentum": float(self.momentum)}

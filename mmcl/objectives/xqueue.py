@@ -21,7 +21,7 @@ from mmcl.config import Recipe
 from mmcl.distributed import all_gather_no_grad, get_rank
 from mmcl.losses import diagonal_labels, info_nce, l2_normalize, mochi_negatives
 from mmcl.losses.queue import enqueue_, random_queue
-from mmcl.models import cosine_momentum, ema_update, momentum_copy
+from mmcl.models import ema_step, momentum_copy
 from mmcl.objectives.base import Features
 from mmcl.objectives.clip import ClipObjective
 from mmcl.objectives.simclr import image_embed_dim
@@ -74,9 +74,8 @@ class ClipQueueObjective(ClipObjective):
                         row_negatives=extra, weighting=self.loss_fn.weighting)
 
     def before_step(self, step: int, total_steps: int) -> None:
-        if self.momentum_cosine:
-            self.momentum = cosine_momentum(self.base_momentum, step, total_steps)
-        ema_update(self.key_model, self.model, self.momentum)
+        self.momentum = ema_step(((self.key_model, self.model),), self.base_momentum, step, total_steps,
+                                 self.momentum_cosine)
 
     def log_values(self) -> Dict[str, float]:
         return {**super().log_values(), "momentum": float(self.momentum)}

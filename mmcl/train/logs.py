@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -36,6 +37,11 @@ class RunLog:
             fh.write(json.dumps(clean) + "\n")
         if self.tracker is not None:
             self.tracker.log(scalars(clean), step=record["step"])
+
+    def warn(self, step: int, message: str) -> None:
+        """One line `mmcl: warning: step N: ...` on stderr (main process), above the progress bar."""
+        if self.enabled:
+            tqdm.write(f"mmcl: warning: step {step}: {message}", file=sys.stderr)
 
     def progress(self, steps: int, postfix: Optional[Dict[str, str]] = None) -> None:
         if self.bar is not None:

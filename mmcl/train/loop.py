@@ -60,11 +60,14 @@ def train(recipe: Recipe) -> dict:
     if rng is not None:  # resumed: the data position is restored, now the RNG exactly as saved
         set_rng_state(rng)
     while state.step < run.plan.total_steps:
+        if state.step_in_epoch == 0:  # a run resumed inside an epoch keeps what was set at its start
+            run.objective.before_epoch(state.epoch, run.plan.urls)
         for batch in data.epoch(state.epoch):
             losses, finite = optimizer_step(run, batch)
             meter.add(losses, finite)
             if state.step % t.log_every == 0 or state.step == run.plan.total_steps:
                 run.log.write(meter.record(run, losses))
+                meter.warn(run)
             if state.bad_steps >= t.max_bad_steps:  # these weights led to the bad steps: never save them as good
                 run.log.close()
                 raise TrainingError(f"train: {state.bad_steps} non-finite steps (loss or gradients) in a row at "
@@ -176,12 +179,20 @@ class Meter:
         self.tick, self.samples, self.step = time.time(), samples, step
         self.sums: Dict[str, float] = {}
         self.count = 0
+        self.warned = False
 
     def add(self, losses: Dict[str, Any], finite: bool) -> None:
         if finite:  # a skipped non-finite step is counted separately, not averaged in
             for key, value in losses.items():
                 self.sums[key] = self.sums.get(key, 0.0) + float(value)
             self.count += 1
+
+    def warn(self, run: Run) -> None:
+        """Tell the user, once, what the objective finds wrong (e.g. collapse)."""
+        message = run.objective.warning()
+        if message and not self.warned:
+            run.log.warn(run.state.step, message)
+        self.warned = self.warned or bool(message)
 
     def record(self, run: Run, losses: Dict[str, Any]) -> dict:
         state, now = run.state, time.time()

@@ -88,7 +88,18 @@ def sample_spec(recipe: Recipe, objective: Objective, model_cfg: dict, tokenizer
         tokenizer=(NoTokens() if "text" in cached else CachedTokenizer(tokenizer)) if objective.uses_text else None,
         view_transform=view_transform(size, crop_scale=tuple(d.view_crop_scale), mean=mean, std=std)
         if objective.uses_views else None,
-        num_views=d.num_views, label=objective.uses_labels, max_pixels=d.max_pixels)
+        num_views=d.num_views, label=objective.uses_labels, max_pixels=d.max_pixels,
+        **small_views(recipe, size, mean, std))
+
+
+def small_views(recipe: Recipe, size: int, mean, std) -> dict:
+    """SampleSpec fields of SwAV's small multi-crop views (none unless `data.small_views`)."""
+    d = recipe.data
+    if not d.small_views:
+        return {}
+    small = d.small_view_size or size // 2
+    return {"small_view_transform": view_transform(small, crop_scale=tuple(d.small_view_crop_scale), mean=mean,
+                                                   std=std), "num_small_views": d.small_views}
 
 
 class DataRng:

@@ -39,9 +39,9 @@ def split_batch(batch: dict, parts: int) -> List[dict]:
         piece = slice(i * size, (i + 1) * size)
         mb = {}
         for key, value in batch.items():
-            if key in ("skipped", "key"):
+            if key == "skipped":
                 continue
-            mb[key] = [v[piece] for v in value] if key == "views" else value[piece]
+            mb[key] = [v[piece] for v in value] if key == "views" else value[piece]  # keys too (PCL reads them)
         micro.append(mb)
     return micro
 
@@ -86,6 +86,7 @@ def cached_backward(objective: Objective, micro_batches: List[dict], accelerator
             with accelerator.autocast():
                 chunks.append(objective.encode(mb))
     after_encode = RngSnapshot(accelerator.device)
+    # features that are not floating point (labels, PCL's cluster rows) ride along without gradients
     leaves = {k: leaf(torch.cat([c[k] for c in chunks])) for k in chunks[0]}
     with accelerator.autocast():
         losses = objective.losses(leaves)

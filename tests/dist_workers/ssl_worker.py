@@ -21,7 +21,7 @@ import sys
 import torch
 
 from mmcl.config import ModelConfig, ObjectiveConfig, Recipe
-from mmcl.objective_options import ClipOptions, MoCoOptions, SimCLROptions, SlipOptions
+from mmcl.objective_options import ClipOptions, MoCoOptions, SimCLROptions, SlipOptions, SwAVOptions, VICRegOptions
 from mmcl.objective_options import HardNegatives, SupConOptions, VSEOptions
 from mmcl.distributed import all_reduce_mean_, get_rank
 from mmcl.models import build_model
@@ -51,27 +51,36 @@ CASES = {
     "clip_hcl": ({"name": "clip", "clip": ClipOptions(hard_negatives=HardNegatives(0.5, 0.1))}, [16], False),
     "clip_label_positives": ({"name": "clip", "clip": ClipOptions(label_positives=True)}, [16], False),
     "vse": ({"name": "vse", "vse": VSEOptions(margin=0.3)}, [16], False),
+    # global statistics (VICReg's variance and covariance) and global codes (SwAV's Sinkhorn, with a queue
+    # that is full after the first step, prototypes frozen for that step, and two small crops)
+    "vicreg": ({"name": "vicreg", "vicreg": VICRegOptions()}, [16], False),
+    "swav": ({"name": "swav", "swav": SwAVOptions(prototypes=6, queue_size=8, freeze_prototypes_steps=1)}, [16],
+             False),
 }
+SMALL_VIEWS = {"swav": 2}  # small 8 px views after the two large ones
 
 
 def build(name: str):
     options, head, _ = CASES[name]
     torch.manual_seed(0)  # the same weights and initial queues on every rank and in the reference
     recipe = Recipe(model=ModelConfig(config=TINY, ssl_head=head), objective=ObjectiveConfig(**options))
+    recipe.data.small_views, recipe.data.small_view_size = SMALL_VIEWS.get(name, 0), 8
     return build_objective(recipe, build_model(recipe.model)[0])
 
 
-def global_batch(step: int) -> dict:
+def global_batch(step: int, small: int = 0) -> dict:
     g = torch.Generator().manual_seed(100 + step)
     rows = WORLD * ROWS
     return {"views": [torch.randn(rows, 3, 16, 16, generator=g) for _ in range(2)],
             "image": torch.randn(rows, 3, 16, 16, generator=g),
             "text": torch.randint(1, 64, (rows, 8), generator=g),
-            "label": torch.randint(0, 3, (rows,), generator=g)}
+            "label": torch.randint(0, 3, (rows,), generator=g),
+            **({"small": [torch.randn(rows, 3, 8, 8, generator=g) for _ in range(small)]} if small else {})}
 
 
 def take(batch: dict, rows: slice) -> dict:
-    return {"views": [v[rows] for v in batch["views"]], "image": batch["image"][rows], "text": batch["text"][rows],
+    views = batch["views"] + batch.get("small", [])
+    return {"views": [v[rows] for v in views], "image": batch["image"][rows], "text": batch["text"][rows],
             "label": batch["label"][rows]}
 
 
@@ -102,10 +111,11 @@ def run_case(name: str, rows: slice) -> dict:
     for step in range(STEPS):
         for p in objective.parameters():
             p.grad = None
-        losses.append(train_step(objective, take(global_batch(step), rows), step))
+        losses.append(train_step(objective, take(global_batch(step, SMALL_VIEWS.get(name, 0)), rows), step))
     out = {"loss": torch.stack(losses)}
     out.update({"grad/" + k: p.grad for k, p in objective.named_parameters() if p.grad is not None})
-    out.update({k: v.float() for k, v in objective.state_dict().items() if "queue" in k or k.startswith("key_")})
+    out.update({k: v.float() for k, v in objective.state_dict().items()
+                if "queue" in k or k.startswith(("key_", "prototypes."))})
     return out
 
 
