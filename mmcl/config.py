@@ -37,6 +37,7 @@ class ModelConfig:
     lock_text_unlocked_layers: int = 0
     grad_checkpointing: bool = False
     packed_attention: bool = True  # the faster training path for open_clip's attention (mmcl.models.attention)
+    compile: bool = False  # torch.compile the towers for training (inductor); weights and exports unchanged
     ssl_head: List[int] = field(default_factory=lambda: [512, 128])  # hidden..., out dims of the SSL MLP
 
 
@@ -110,6 +111,9 @@ class TrainConfig:
     resume: str = "auto"  # auto | none | path to a checkpoint directory
     max_bad_steps: int = 5  # consecutive non-finite steps (loss or gradients) before the run stops
     dist_timeout_s: int = 600  # a collective waiting this long on a hung or dead process fails the run
+    grad_sync: Literal["overlap", "after_backward"] = "overlap"  # gradient all-reduce during or after backward
+    grad_bucket_mb: float = 25.0  # gradients per all-reduce bucket (megabytes), as DDP's bucket_cap_mb
+    fsdp: bool = False  # shard the towers over processes with FSDP2 (also: accelerate launch --use_fsdp)
     progress: bool = True
 
 

@@ -106,6 +106,7 @@ def check_train(recipe: Recipe) -> None:
     positive("train.keep_last", t.keep_last)
     positive("train.max_bad_steps", t.max_bad_steps)
     positive("train.dist_timeout_s", t.dist_timeout_s)
+    positive("train.grad_bucket_mb", t.grad_bucket_mb)
     if t.max_steps is not None:
         positive("train.max_steps", t.max_steps)
     if t.batch_size % t.accum_steps:
@@ -113,6 +114,21 @@ def check_train(recipe: Recipe) -> None:
     if t.resume not in ("auto", "none") and not Path(t.resume).is_dir():
         raise ConfigError(f"train.resume: must be auto, none or a checkpoint directory; not found: {t.resume}")
     check_output_dir(t.output_dir)
+    check_scale_out(recipe)
+
+
+def check_scale_out(recipe: Recipe) -> None:
+    """FSDP combinations mmcl does not run (each refused before any work, rather than failing mid-run)."""
+    from mmcl.train.fsdp import requested
+
+    if not requested(recipe):
+        return
+    if recipe.train.precision == "fp16":
+        raise ConfigError("train.fsdp: fp16 is not supported with FSDP (its gradient scaler would see sharded "
+                          "gradients); use train.precision=bf16")
+    if recipe.model.compile:
+        raise ConfigError("model.compile: not supported together with train.fsdp (compile the towers, or shard "
+                          "them, not both)")
 
 
 def check_output_dir(path: str) -> None:

@@ -35,6 +35,7 @@ class Run:
     state: S.TrainState
     log: RunLog
     run_dir: Path
+    grad_sync: Any  # averages gradients over processes, during the backward pass (GradSync)
 
     def save(self) -> None:
         try:
@@ -95,7 +96,9 @@ def start(recipe: Recipe):
         state, rng = S.restore(resume_from, objective, optimizer, scheduler, accelerator)
     spec = S.sample_spec(recipe, objective, model_cfg, factory.make_tokenizer(model_cfg))
     log = RunLog(run_dir, accelerator.is_main_process, plan.total_steps, state.step, recipe.train.progress)
-    return Run(recipe, accelerator, objective, model_cfg, optimizer, scheduler, plan, spec, state, log, run_dir), rng
+    sync = S.make_grad_sync(recipe, objective)
+    return Run(recipe, accelerator, objective, model_cfg, optimizer, scheduler, plan, spec, state, log, run_dir,
+               sync), rng
 
 
 def optimizer_step(run: Run, batch: dict):
@@ -106,11 +109,11 @@ def optimizer_step(run: Run, batch: dict):
     objective.train()
     objective.before_step(state.step, run.plan.total_steps)
     if t.accum_steps == 1:
-        losses = T.plain_backward(objective, batch, accelerator)
+        losses = T.plain_backward(objective, batch, accelerator, run.grad_sync)
     else:
-        losses = T.cached_backward(objective, T.split_batch(batch, t.accum_steps), accelerator)
+        losses = T.cached_backward(objective, T.split_batch(batch, t.accum_steps), accelerator, run.grad_sync)
+    run.grad_sync.finish()  # the averaged gradients, most of them sent while the backward pass ran
     params = T.trainable(objective)
-    T.sync_gradients(params)
     if accelerator.scaler is not None:
         accelerator.unscale_gradients()  # the norm and the clipping see the true gradients
     norm = T.grad_norm(params)
