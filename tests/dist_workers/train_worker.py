@@ -95,6 +95,34 @@ def train_steps(recipe_path: str, overrides: list):
     return run, losses, moved, final
 
 
+def fsdp_resume(recipe_path: str, out: Path) -> dict:
+    """FSDP checkpoints: run A takes STEPS steps and saves (full tensors, gathered); run B resumes from that
+    checkpoint (cutting them back into shards); both then take one more step on the same rows. Returns the
+    largest difference between A's and B's weights after it (zero when weights and AdamW state came back)."""
+    from mmcl.config import load_recipe
+    from mmcl.models import factory
+    from mmcl.train import fsdp, loop
+
+    rows = GLOBAL_ROWS // int(os.environ.get("WORLD_SIZE", "1"))
+    overrides = COMMON + REFERENCES["clip_accum"] + FSDP + [
+        "optim.schedule=constant", f"train.batch_size={rows}", f"train.output_dir={out / 'run_fsdp_resume'}"]
+    first, _ = loop.start(load_recipe(recipe_path, overrides + [f"train.max_steps={STEPS}"]))
+    start = first.accelerator.process_index * rows
+    batches = [mine(b, start, rows) for b in global_batches(factory.make_tokenizer(first.model_cfg), STEPS + 1)]
+    for batch in batches[:STEPS]:
+        loop.optimizer_step(first, dict(batch))
+    first.save()
+    second, _ = loop.start(load_recipe(recipe_path, overrides + [f"train.max_steps={STEPS + 1}", "train.resume=auto"]))
+    assert second.state.step == STEPS and fsdp.is_sharded(second.objective)
+    for run in (first, second):
+        loop.optimizer_step(run, dict(batches[STEPS]))
+    a, b = fsdp.full_state_dict(first.objective), fsdp.full_state_dict(second.objective)
+    for run in (first, second):
+        run.log.close()
+    return {"max_difference": max(float((a[k].float() - b[k].float()).abs().max()) for k in a),
+            "run_dir": str(out / "run_fsdp_resume")}
+
+
 def main(recipe_path: str, out_dir: str) -> None:
     from mmcl.models.weights import save_weights
 
@@ -109,6 +137,9 @@ def main(recipe_path: str, out_dir: str) -> None:
                       "buckets": len(run.grad_sync.buckets), "sent_in_backward": run.grad_sync.sent_in_backward}
             (out / f"{name}.json").write_text(json.dumps(report))
         run.accelerator.wait_for_everyone()
+    resumed = fsdp_resume(recipe_path, out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        (out / "fsdp_resume.json").write_text(json.dumps(resumed))
 
 
 if __name__ == "__main__":
