@@ -3,9 +3,13 @@
     python benchmarks/gpu_check.py                 # on a GPU machine, about 5 minutes
     python benchmarks/gpu_check.py --dry-run       # anywhere: a tiny model on the CPU, to test the script
 
-1. mmcl's optimizer step on synthetic batches already on the GPU (the ceiling), with the model FLOPs of
-   one step counted by torch.utils.flop_counter.FlopCounterMode; MFU = FLOPs x steps/s / peak
-   (H100 and H200 SXM: 989 TFLOP/s dense bf16).
+1. mmcl's optimizer step on synthetic batches already on the GPU (the ceiling; benchmarks/step_speed.py),
+   with the model FLOPs of one step counted by torch.utils.flop_counter.FlopCounterMode;
+   MFU = FLOPs x samples/s / (peak x GPUs) (H100 and H200 SXM: 989 TFLOP/s dense bf16). Variants, each
+   in a fresh process: bf16 (the baseline), bf16 with `model.compile=true`, fp32.
+   With two or more GPUs, one process per GPU: gradients all-reduced bucket by bucket during the backward
+   pass (`train.grad_sync=overlap`, the default) vs after it (`after_backward`), and FSDP (`train.fsdp=true`).
+   With one GPU that part says "not run".
 2. `mmcl train` end to end on real shards, and open_clip_train (webdataset 0.2.86 from
    benchmarks/.openclip_env, carried to the machine) on the same shards, model, batch, bf16 and workers.
 3. Zero-shot evaluation images/s and metric parity: mmcl's evaluator vs clip_benchmark, same export, bf16.
@@ -79,52 +83,54 @@ def recipe_file(args, data: Path, out: Path) -> Path:
     return path
 
 
-def synthetic_batch(run, batch_size: int):
-    import torch
-
-    from mmcl.models import factory
-
-    size = factory.image_size(run.model_cfg)
-    context = run.model_cfg["text_cfg"].get("context_length", 77)
-    device = run.accelerator.device
-    return {"image": torch.randn(batch_size, 3, size, size, device=device),
-            "text": torch.randint(1, 49407, (batch_size, context), device=device)}
+# mmcl's step in memory (benchmarks/step_speed.py), one fresh process per variant; bf16 is the baseline
+VARIANTS = {"bf16": [], "bf16_compile": ["model.compile=true"], "fp32": ["train.precision=fp32"]}
+# several processes, one per GPU (two gloo CPU processes in a dry run): how the gradients travel
+SCALE_OUT = {"overlap": ["train.grad_sync=overlap"], "after_backward": ["train.grad_sync=after_backward"],
+             "fsdp": ["train.fsdp=true"]}
 
 
-def count_step_flops(run, batch) -> float:
-    """Model FLOPs of one forward + backward (the optimizer update is not model FLOPs)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from mmcl.train import step as T
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        T.plain_backward(run.objective, dict(batch), run.accelerator)
-    run.optimizer.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
+def step_child(args, data: Path, name: str, overrides, processes: int = 1, count_flops: bool = False) -> dict:
+    """Run benchmarks/step_speed.py on this recipe in a fresh process (under torchrun for several)."""
+    out = common.WORK / "gpu" / f"step_{name}"
+    tt.remove_tree(out)
+    script = str(Path(__file__).resolve().parent / "step_speed.py")
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+                     str(29400 + os.getpid() % 500)]
+    cmd = launcher + [script, str(recipe_file(args, data, out)), "--warmup", str(args.warmup),
+                      "--steps", str(args.steps)] + [f"--override={o}" for o in overrides]
+    cmd += ["--count-flops"] if count_flops else []
+    log = out.with_suffix(".log")
+    env = common.child_env(**({"CUDA_VISIBLE_DEVICES": ""} if args.dry_run and processes > 1 else {}))
+    result = common.run_logged(cmd, log, env=env, deadline=args.step_limit)
+    common.check_ok(result, log, f"step ({name})")
+    if result["stopped"]:
+        raise RuntimeError(f"step ({name}) stopped after --step-limit {args.step_limit:.0f} s; see {log}")
+    lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"step ({name}) printed no result; see {log}")
+    return json.loads(lines[-1])
 
 
 def in_memory(args, data: Path) -> dict:
-    """mmcl's optimizer step on synthetic batches on the device: samples/s, FLOPs per step, MFU."""
+    """The bf16 / compiled / fp32 step of one process; model FLOPs counted once (the same math in all)."""
+    out = {name: step_child(args, data, name, overrides, count_flops=name == "bf16")
+           for name, overrides in VARIANTS.items()}
+    return {**out["bf16"], "variants": out}
+
+
+def scale_out(args, data: Path) -> dict:
+    """Overlapped vs after-backward gradient all-reduce, and FSDP, with one process per GPU."""
     import torch
 
-    from mmcl.config import load_recipe
-    from mmcl.train import loop
-
-    out = common.WORK / "gpu" / "in_memory"
-    run, _ = loop.start(load_recipe(str(recipe_file(args, data, out))))
-    batch = synthetic_batch(run, args.batch_size)
-    flops = count_step_flops(run, batch)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(args.warmup):
-        loop.optimizer_step(run, dict(batch))
-    sync()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        loop.optimizer_step(run, dict(batch))
-    sync()
-    rate = args.steps * args.batch_size / (time.perf_counter() - start)
-    return {"samples_per_s": rate, "flops_per_sample": flops / args.batch_size}
+    processes = 2 if args.dry_run else torch.cuda.device_count()
+    if processes < 2:
+        return {"status": f"not run: {processes} GPU (overlap and FSDP need two processes, one per GPU)"}
+    return {"processes": processes,
+            "variants": {name: step_child(args, data, name, overrides, processes)
+                         for name, overrides in SCALE_OUT.items()}}
 
 
 def end_to_end_mmcl(args, data: Path) -> dict:
@@ -249,7 +255,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-data", default=None, help="classification dataset folder with a test split")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak (default: from its name)")
     p.add_argument("--run-limit", type=float, default=180.0, help="seconds allowed per training process")
+    p.add_argument("--step-limit", type=float, default=420.0,
+                   help="seconds allowed per in-memory step process (compiling included)")
     p.add_argument("--dry-run", action="store_true", help="tiny model, CPU allowed, a few steps")
+    p.add_argument("--only", nargs="+", choices=STAGES, default=list(STAGES), help="run only these parts")
     p.add_argument("--out", default=None, help="default: gpu_check.json (gpu_check_dry_run.json with --dry-run)")
     args = p.parse_args(argv)
     args.out = args.out or ("gpu_check_dry_run.json" if args.dry_run else "gpu_check.json")
@@ -273,12 +282,16 @@ def stage(report: dict, name: str, fn, *fn_args) -> None:
 
 
 def add_mfu(report: dict, peak) -> None:
+    """Achieved TFLOP/s and MFU of every measured rate (several processes: against the peak of all their GPUs)."""
     flops = report.get("in_memory", {}).get("flops_per_sample")
-    for name in ("in_memory", "mmcl_end_to_end", "open_clip_train_end_to_end"):
-        rate = report.get(name, {}).get("samples_per_s")
+    rows = [report.get(name, {}) for name in ("in_memory", "mmcl_end_to_end", "open_clip_train_end_to_end")]
+    for part in ("in_memory", "scale_out"):
+        rows += list(report.get(part, {}).get("variants", {}).values())
+    for row in rows:
+        rate = row.get("samples_per_s")
         if flops and rate:
-            report[name]["achieved_tflops"] = flops * rate / 1e12
-            report[name]["mfu"] = flops * rate / peak if peak else None
+            row["achieved_tflops"] = flops * rate / 1e12
+            row["mfu"] = flops * rate / (peak * row.get("world", 1)) if peak else None
 
 
 def not_run(out: str) -> dict:
@@ -291,6 +304,10 @@ def not_run(out: str) -> dict:
               "machine": common.machine_info()}
     common.write_json(out, report)
     return report
+
+
+STAGES = {"in_memory": in_memory, "scale_out": scale_out, "mmcl_end_to_end": end_to_end_mmcl,
+          "open_clip_train_end_to_end": end_to_end_openclip, "evaluation": evaluation}
 
 
 def main(argv=None) -> dict:
@@ -307,14 +324,13 @@ def main(argv=None) -> dict:
                            "precision": "bf16", "warmup_steps": args.warmup, "measured_steps": args.steps,
                            "workers": args.workers, "train_data": str(train_data), "eval_data": str(eval_data),
                            "peak_flops": peak}}
-    stage(report, "in_memory", in_memory, args, train_data)
-    stage(report, "mmcl_end_to_end", end_to_end_mmcl, args, train_data)
-    stage(report, "open_clip_train_end_to_end", end_to_end_openclip, args, train_data)
-    stage(report, "evaluation", evaluation, args, eval_data)
+    for name in args.only:
+        stage(report, name, STAGES[name], args, eval_data if name == "evaluation" else train_data)
     add_mfu(report, peak)
-    e2e, anchor = report["mmcl_end_to_end"].get("samples_per_s"), report["open_clip_train_end_to_end"].get("samples_per_s")
+    e2e = report.get("mmcl_end_to_end", {}).get("samples_per_s")
+    anchor = report.get("open_clip_train_end_to_end", {}).get("samples_per_s")
     report["mmcl_vs_open_clip_train"] = e2e / anchor if e2e and anchor else None
-    ceiling = report["in_memory"].get("samples_per_s")
+    ceiling = report.get("in_memory", {}).get("samples_per_s")
     report["pipeline_efficiency"] = e2e / ceiling if e2e and ceiling else None
     path = common.write_json(args.out, report)
     common.say(f"wrote {path}")

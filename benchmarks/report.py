@@ -52,7 +52,8 @@ def ratio_cell(comparison: dict) -> str:
 def throughput_rows(d: dict) -> List[Row]:
     s, summary = d["settings"], d["summary"]
     data = f"{Path(s['data']).name} shards"
-    setting = (f"{s['recipe']}, batch {s['batch_size']}, fp32, {s['workers']} workers, "
+    precision = "fp32" if str(s.get("precision", "fp32")) == "fp32" else "fp32 unless named"
+    setting = (f"{s['recipe']}, batch {s['batch_size']}, {precision}, {s['workers']} workers, "
                f"{s['measured_steps']} steps x {s['repeats']}")
     rows = []
     for c in d["comparisons"]:

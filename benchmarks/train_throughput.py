@@ -3,7 +3,7 @@
     python benchmarks/train_throughput.py [--repeats 3] [--warmup 5] [--steps 10] [--quick]
 
 Both trainers get the recipe's model config (digits_clip_tiny by default), the same shards, batch size,
-precision (fp32), DataLoader worker count and torch's default threads. Each run is a fresh process; the
+precision (fp32 unless a variant says otherwise), DataLoader worker count and torch's default threads. Each run is a fresh process; the
 variants alternate (their order rotates every repeat) so that the neighbours' load hits all of them alike.
 A run takes `warmup + steps` optimizer steps; samples/s is measured over the `steps` after the warm-up from
 each trainer's own log (mmcl: metrics.jsonl every `--log-every` steps; open_clip_train: its "Batch (t)" mean
@@ -17,6 +17,9 @@ Variants:
 - mmcl_in_memory_plain (`--ablation`, on by default): the same with `model.packed_attention=false
   optim.fused=false`, i.e. open_clip's nn.MultiheadAttention path and torch's default AdamW: what those two
   paths of mmcl's step are worth.
+- with `--variants ...`: mmcl_bf16 / mmcl_in_memory_bf16 (`train.precision=bf16`: autocast on a CPU too),
+  open_clip_train_bf16 (`--precision amp_bf16`), mmcl_compile / mmcl_in_memory_compile (`model.compile=true`).
+  Compiling happens in the warm-up steps.
 - *_threads_N (`--threads-variant`, off by default): the same three with OMP_NUM_THREADS = cores - workers,
   the thread policy mmcl's evaluator uses. Measured on an idle 2-core machine it makes training slower
   (one compute thread instead of two: 214 vs 324 samples/s for mmcl before its faster step, 251 vs 362 for
@@ -70,9 +73,9 @@ def mmcl_rate(metrics: Path, warmup: int, steps: int, batch: int) -> float:
     return samples / seconds
 
 
-def run_mmcl(args, data_root: Path, tag: str, extra_env: Dict[str, str]) -> dict:
+def run_mmcl(args, data_root: Path, tag: str, extra_env: Dict[str, str], overrides=()) -> dict:
     out = common.WORK / "throughput" / tag
-    cmd = [sys.executable, "-m", "mmcl", "train", args.recipe_path, *base_overrides(args, data_root, out)]
+    cmd = [sys.executable, "-m", "mmcl", "train", args.recipe_path, *base_overrides(args, data_root, out), *overrides]
     log = out.with_suffix(".log")
     result = common.run_logged(cmd, log, env=common.child_env(**extra_env))
     common.check_ok(result, log, f"mmcl train ({tag})")
@@ -94,7 +97,8 @@ def openclip_rate(log_text: str, warmup: int, steps: int, batch: int) -> dict:
     return {"samples_per_s": batches * batch / seconds, "data_wait_fraction": data / seconds}
 
 
-def run_openclip(args, data_root: Path, tag: str, model_cfg: dict, recipe, extra_env=None) -> dict:
+def run_openclip(args, data_root: Path, tag: str, model_cfg: dict, recipe, extra_env=None,
+                 precision: str = "fp32") -> dict:
     work = common.WORK / "throughput"
     model_dir = openclip_anchor.write_model_config(work / "openclip_models", "bench-model", model_cfg)
     o = recipe.optim
@@ -103,7 +107,7 @@ def run_openclip(args, data_root: Path, tag: str, model_cfg: dict, recipe, extra
         samples_per_epoch=(args.warmup + args.steps + 2) * args.batch_size, epochs=1,
         batch_size=args.batch_size, workers=args.workers, logs=work / "openclip_logs", name=tag,
         lr=o.lr, weight_decay=o.weight_decay, warmup=o.warmup_steps, betas=tuple(o.betas), eps=o.eps,
-        grad_clip=o.grad_clip, log_every=args.log_every)
+        grad_clip=o.grad_clip, log_every=args.log_every, precision=precision)
     remove_tree(run.run_dir)
     log = work / f"{tag}.log"
     result = common.run_logged(run.command(), log, env=openclip_anchor.env(**(extra_env or {})))
@@ -158,16 +162,28 @@ def in_memory_child(args) -> None:
     print(json.dumps({"samples_per_s": args.steps * args.batch_size / seconds, "torch_threads": torch.get_num_threads()}))
 
 
+BF16, COMPILE = ["train.precision=bf16"], ["model.compile=true"]
+# name -> (runner, mmcl recipe overrides or open_clip_train's --precision)
+VARIANTS = {
+    "mmcl": ("mmcl", []), "open_clip_train": ("open_clip_train", "fp32"), "mmcl_in_memory": ("in_memory", []),
+    "mmcl_in_memory_plain": ("in_memory", PLAIN_STEP),
+    "mmcl_bf16": ("mmcl", BF16), "open_clip_train_bf16": ("open_clip_train", "amp_bf16"),
+    "mmcl_in_memory_bf16": ("in_memory", BF16),
+    "mmcl_compile": ("mmcl", COMPILE), "mmcl_in_memory_compile": ("in_memory", COMPILE),
+}
+DEFAULT_VARIANTS = ["mmcl", "open_clip_train", "mmcl_in_memory", "mmcl_in_memory_plain"]
+
+
 def variants(args) -> Dict[str, tuple]:
-    """name -> (runner, extra environment). The thread variants pin torch's threads with OMP_NUM_THREADS."""
-    out = {"mmcl": ("mmcl", {}), "open_clip_train": ("open_clip_train", {}), "mmcl_in_memory": ("in_memory", {})}
-    if args.ablation:
-        out["mmcl_in_memory_plain"] = ("in_memory_plain", {})
+    """name -> (runner, overrides, extra environment). The thread variants pin torch's threads with OMP_NUM_THREADS."""
+    names = list(args.variants) + (["mmcl_in_memory_plain"] if args.ablation and "mmcl_in_memory_plain" not in
+                                   args.variants else [])
+    out = {name: (*VARIANTS[name], {}) for name in names}
     if args.threads_variant:
         n = threads_for_fix(args.workers)
         env = {"OMP_NUM_THREADS": str(n)}
-        out.update({f"mmcl_threads_{n}": ("mmcl", env), f"open_clip_train_threads_{n}": ("open_clip_train", env),
-                    f"mmcl_in_memory_threads_{n}": ("in_memory", env)})
+        out.update({f"mmcl_threads_{n}": ("mmcl", [], env), f"open_clip_train_threads_{n}": ("open_clip_train", "fp32", env),
+                    f"mmcl_in_memory_threads_{n}": ("in_memory", [], env)})
     return out
 
 
@@ -180,15 +196,15 @@ def measure(args, data_root: Path, model_cfg: dict, recipe) -> Dict[str, List[di
     names = list(table)
     for repeat in range(args.repeats):
         for name in names[repeat % len(names):] + names[:repeat % len(names)]:
-            kind, env = table[name]
+            kind, overrides, env = table[name]
             tag = f"{name}_r{repeat}"
             common.say(f"train throughput: {tag}")
             if kind == "mmcl":
-                result = run_mmcl(args, data_root, tag, env)
+                result = run_mmcl(args, data_root, tag, env, overrides)
             elif kind == "open_clip_train":
-                result = run_openclip(args, data_root, tag, model_cfg, recipe, env)
+                result = run_openclip(args, data_root, tag, model_cfg, recipe, env, precision=overrides)
             else:
-                result = run_in_memory(args, data_root, tag, env, PLAIN_STEP if kind == "in_memory_plain" else ())
+                result = run_in_memory(args, data_root, tag, env, overrides)
             common.say(f"  {result['samples_per_s']:.1f} samples/s")
             runs.setdefault(name, []).append(result)
     return runs
@@ -201,7 +217,16 @@ def comparisons(runs: Dict[str, List[dict]]) -> dict:
     pairs = [("mmcl vs open_clip_train", "mmcl", "open_clip_train", TARGET_VS_OPENCLIP),
              ("pipeline efficiency: end-to-end / in-memory", "mmcl", "mmcl_in_memory", TARGET_PIPELINE),
              ("in-memory step: packed attention + fused AdamW vs torch's default paths", "mmcl_in_memory",
-              "mmcl_in_memory_plain", None)]
+              "mmcl_in_memory_plain", None),
+             ("mmcl bf16 vs open_clip_train fp32 (each at its best on this CPU)", "mmcl_bf16", "open_clip_train",
+              TARGET_VS_OPENCLIP),
+             ("mmcl bf16 vs open_clip_train amp_bf16", "mmcl_bf16", "open_clip_train_bf16", TARGET_VS_OPENCLIP),
+             ("pipeline efficiency, bf16", "mmcl_bf16", "mmcl_in_memory_bf16", TARGET_PIPELINE),
+             ("in-memory step: bf16 autocast vs fp32", "mmcl_in_memory_bf16", "mmcl_in_memory", None),
+             ("open_clip_train: amp_bf16 vs fp32", "open_clip_train_bf16", "open_clip_train", None),
+             ("in-memory step: model.compile vs eager", "mmcl_in_memory_compile", "mmcl_in_memory", None),
+             ("mmcl compiled vs open_clip_train", "mmcl_compile", "open_clip_train", TARGET_VS_OPENCLIP),
+             ("pipeline efficiency, compiled", "mmcl_compile", "mmcl_in_memory_compile", TARGET_PIPELINE)]
     fixed = [n for n in rates if n.startswith("mmcl_threads_")]
     for name in fixed:
         n = name.rsplit("_", 1)[1]
@@ -210,7 +235,7 @@ def comparisons(runs: Dict[str, List[dict]]) -> dict:
                   (f"mmcl vs open_clip_train, both with {n} thread(s)", name, f"open_clip_train_threads_{n}",
                    TARGET_VS_OPENCLIP),
                   (f"pipeline efficiency with {n} thread(s)", name, f"mmcl_in_memory_threads_{n}", TARGET_PIPELINE)]
-    rows = [compare(rates, summary, *pair) for pair in pairs if pair[2] in rates]
+    rows = [compare(rates, summary, *pair) for pair in pairs if pair[1] in rates and pair[2] in rates]
     return {"summary": summary, "comparisons": rows}
 
 
@@ -231,6 +256,8 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
     p.add_argument("--workers", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS,
+                   help="what to run side by side (bf16 and compiled variants of both trainers are available)")
     p.add_argument("--threads-variant", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the in-memory step with model.packed_attention=false optim.fused=false")
@@ -272,7 +299,7 @@ def main(argv=None) -> dict:
     machine = common.machine_info()
     runs = measure(args, data_root, model_cfg, recipe)
     settings = {"recipe": args.recipe, "data": str(data_root), "batch_size": args.batch_size, "workers": args.workers,
-                "precision": "fp32", "warmup_steps": args.warmup, "measured_steps": args.steps,
+                "precision": "fp32 unless the variant says bf16", "variants": {n: VARIANTS.get(n) for n in runs}, "warmup_steps": args.warmup, "measured_steps": args.steps,
                 "repeats": args.repeats, "model_cfg": model_cfg, "threads_variant": threads_for_fix(args.workers)}
     report = {"machine": machine, "load_average_end": os.getloadavg(), "settings": settings, "runs": runs,
               **comparisons(runs), "notes": NOTES}

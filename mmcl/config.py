@@ -40,6 +40,7 @@ class ModelConfig:
     cache_locked: bool = False  # compute locked towers' outputs once, read them from RUN/locked_features after
     grad_checkpointing: bool = False
     packed_attention: bool = True  # the faster training path for open_clip's attention (mmcl.models.attention)
+    compile: bool = False  # torch.compile the towers for training (inductor); weights and exports unchanged
     ssl_head: List[int] = field(default_factory=lambda: [512, 128])  # hidden..., out dims of the SSL MLP
     text_dropout: float = 0.0  # dropout on the text tower's residual branches while training (SimCSE's views)
 
@@ -130,6 +131,9 @@ class TrainConfig:
     resume: str = "auto"  # auto | none | path to a checkpoint directory
     max_bad_steps: int = 5  # consecutive non-finite steps (loss or gradients) before the run stops
     dist_timeout_s: int = 600  # a collective waiting this long on a hung or dead process fails the run
+    grad_sync: Literal["overlap", "after_backward"] = "overlap"  # gradient all-reduce during or after backward
+    grad_bucket_mb: float = 25.0  # gradients per all-reduce bucket (megabytes), as DDP's bucket_cap_mb
+    fsdp: bool = False  # shard the towers over processes with FSDP2 (also: accelerate launch --use_fsdp)
     progress: bool = True
     log_with: List[str] = field(default_factory=lambda: ["tensorboard"])  # Accelerate trackers; [] for JSONL only
     tracker_project: str = "mmcl"  # the project name the trackers file the run under

@@ -182,6 +182,7 @@ def check_train(recipe: Recipe) -> None:
         raise ConfigError(f"train.dist_timeout_s: must be at most {YEAR_S} (a year), got {t.dist_timeout_s}")
     if not 0 <= t.seed < 2 ** 32:  # numpy's seeds are 32-bit
         raise ConfigError(f"train.seed: must be in [0, 2**32), got {t.seed}")
+    positive("train.grad_bucket_mb", t.grad_bucket_mb)
     if t.max_steps is not None:
         positive("train.max_steps", t.max_steps)
     if t.batch_size % t.accum_steps:
@@ -198,9 +199,24 @@ def check_train(recipe: Recipe) -> None:
     for name in t.tracker_kwargs:
         if name not in t.log_with:
             raise ConfigError(f"train.tracker_kwargs.{name}: {name} is not in train.log_with {t.log_with}")
+    check_scale_out(recipe)
 
 
 YEAR_S = 365 * 24 * 3600
+
+
+def check_scale_out(recipe: Recipe) -> None:
+    """FSDP combinations mmcl does not run (each refused before any work, rather than failing mid-run)."""
+    from mmcl.train.fsdp import requested
+
+    if not requested(recipe):
+        return
+    if recipe.train.precision == "fp16":
+        raise ConfigError("train.fsdp: fp16 is not supported with FSDP (its gradient scaler would see sharded "
+                          "gradients); use train.precision=bf16")
+    if recipe.model.compile:
+        raise ConfigError("model.compile: not supported together with train.fsdp (compile the towers, or shard "
+                          "them, not both)")
 
 
 def check_output_dir(path: str) -> None:

@@ -150,6 +150,13 @@ def set_preprocess(model: nn.Module, model_cfg: Dict[str, Any], stats: Optional[
     open_clip.set_model_preprocess_cfg(model, dataclasses.asdict(cfg_pp))
 
 
+def compile_towers(model: nn.Module) -> None:
+    """torch.compile (inductor) the image tower and the text transformer, in place: `nn.Module.compile` keeps
+    the modules, their names and state dicts, so checkpoints and exports are those of the eager model."""
+    model.visual.compile()
+    (model.text if hasattr(model, "text") else model.transformer).compile()
+
+
 def image_size(model_cfg: Dict[str, Any]) -> int:
     size = model_cfg["vision_cfg"].get("image_size", 224)
     return size if isinstance(size, int) else size[0]

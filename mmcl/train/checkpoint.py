@@ -28,6 +28,7 @@ from torch import nn
 from mmcl import runs
 from mmcl.config import first_line
 from mmcl.models import weights
+from mmcl.train import fsdp
 
 
 def rng_state() -> Dict[str, Any]:
@@ -60,7 +61,8 @@ class CheckpointWriteError(RuntimeError):
 
 
 def save(run_dir: Path, step: int, module: nn.Module, state: Dict[str, Any], meta: Dict[str, Any]) -> Path:
-    """Write a complete checkpoint for `step` atomically and return its folder."""
+    """Write a complete checkpoint for `step` atomically and return its folder. `module` may also be its state
+    dict, already gathered (FSDP)."""
     root = Path(run_dir) / runs.CHECKPOINTS
     final = root / runs.checkpoint_name(step)
     tmp = root / (final.name + ".tmp")
@@ -80,7 +82,7 @@ def save(run_dir: Path, step: int, module: nn.Module, state: Dict[str, Any], met
 
 
 def write_files(folder: Path, step: int, module: nn.Module, state: Dict[str, Any], meta: Dict[str, Any]) -> None:
-    weights.save_weights(module.state_dict(), folder / runs.WEIGHTS)
+    weights.save_weights(module if isinstance(module, dict) else module.state_dict(), folder / runs.WEIGHTS)
     if os.environ.get("MMCL_FAULT") == f"kill-during-save:{step}":  # test hook, see the module docstring
         os.kill(os.getpid(), signal.SIGKILL)
     with open(folder / runs.STATE, "wb") as fh:  # a file object, so the OS error stays in the exception chain
@@ -115,7 +117,8 @@ def prune(run_dir: Path, keep_last: int) -> None:
 def load(checkpoint: Path, module: nn.Module) -> Dict[str, Any]:
     """Restore module weights and buffers; return the training state (optimizer, RNG, data position)."""
     path = str(checkpoint / runs.WEIGHTS)
-    weights.load_state(module, weights.read_state_dict(path), path, strict=True)
+    full = weights.read_state_dict(path)
+    weights.load_state(module, fsdp.shard_like(full, module), path, strict=True)  # FSDP: this process's shards
     try:
         return torch.load(checkpoint / runs.STATE, map_location="cpu", weights_only=True)
     # weights_only refuses anything but tensors and plain containers (UnpicklingError); garbage fails otherwise

@@ -11,6 +11,7 @@ import torch
 from mmcl import runs
 from mmcl.config import Recipe
 from mmcl.models import factory
+from mmcl.train import fsdp
 from mmcl.train.logs import RunLog
 from mmcl.train.plots import write_plots
 
@@ -18,11 +19,12 @@ HEADLINE = ("acc1", "acc5", "mean_per_class_recall", "image_retrieval_recall@1",
             "text_retrieval_recall@1", "text_retrieval_recall@5", "knn_acc1", "linear_probe_acc1")
 
 
-def run_evals(recipe: Recipe, objective, model_cfg: dict, max_samples) -> List[dict]:
-    """Evaluate the towers on each eval dataset (its task read from its folder)."""
+def run_evals(recipe: Recipe, objective, model_cfg: dict, max_samples, model=None) -> List[dict]:
+    """Evaluate the towers (`model`, default `objective.model`) on each eval dataset (its task read from its
+    folder)."""
     import eval as mmcl_eval  # evaluation never imports the trainer; the trainer imports evaluation lazily
 
-    model = objective.model
+    model = model or objective.model
     preprocess, tokenizer = factory.eval_preprocess(model), factory.make_tokenizer(model_cfg)
     device = next(model.parameters()).device
     results = []
@@ -52,11 +54,13 @@ def eval_record(step: int, results: List[dict]) -> dict:
 
 def evaluate(recipe: Recipe, objective, model_cfg: dict, step: int, accelerator, log: RunLog,
              max_samples=None) -> List[dict]:
-    """Main process evaluates (capped by eval.max_samples); the others wait."""
+    """Main process evaluates (capped by eval.max_samples); the others wait (or, under FSDP, first help
+    gather a full copy of the towers)."""
     results = []
+    model = fsdp.unsharded_model(recipe, objective) if recipe.eval.datasets and fsdp.is_sharded(objective) else None
     if accelerator.is_main_process and recipe.eval.datasets:
         with torch.no_grad():
-            results = run_evals(recipe, objective, model_cfg, max_samples or recipe.eval.max_samples)
+            results = run_evals(recipe, objective, model_cfg, max_samples or recipe.eval.max_samples, model)
         log.write(eval_record(step, results))
     accelerator.wait_for_everyone()
     return results

@@ -38,6 +38,7 @@ class Run:
     state: S.TrainState
     log: RunLog
     run_dir: Path
+    grad_sync: Any  # averages gradients over processes, during the backward pass (GradSync)
     cache: Optional[LockedCache] = None
 
     def save(self) -> None:
@@ -102,7 +103,9 @@ def prepare(recipe: Recipe):
     # the towers the locked-feature cache will serve; the cache itself is built by start(), which may write
     objective.locked = locked_cache.planned(recipe, objective.model)
     spec = S.sample_spec(recipe, objective, model_cfg, factory.make_tokenizer(model_cfg), cached=objective.locked)
-    run = Run(recipe, accelerator, objective, model_cfg, optimizer, scheduler, plan, spec, state, None, run_dir)
+    sync = S.make_grad_sync(recipe, objective)
+    run = Run(recipe, accelerator, objective, model_cfg, optimizer, scheduler, plan, spec, state, None, run_dir,
+              sync)
     return run, rng, resume_from
 
 
@@ -147,11 +150,11 @@ def optimizer_step(run: Run, batch: dict):
     objective.train()
     objective.before_step(state.step, run.plan.total_steps)
     if t.accum_steps == 1:
-        losses = T.plain_backward(objective, batch, accelerator)
+        losses = T.plain_backward(objective, batch, accelerator, run.grad_sync)
     else:
-        losses = T.cached_backward(objective, T.split_batch(batch, t.accum_steps), accelerator)
+        losses = T.cached_backward(objective, T.split_batch(batch, t.accum_steps), accelerator, run.grad_sync)
+    run.grad_sync.finish()  # the averaged gradients, most of them sent while the backward pass ran
     params = T.trainable(objective)
-    T.sync_gradients(params)
     if accelerator.scaler is not None:
         accelerator.unscale_gradients()  # the norm and the clipping see the true gradients
     norm = T.grad_norm(params)

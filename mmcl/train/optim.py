@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mmcl.config import OptimConfig
+from mmcl.train.fsdp import split_param_groups
 
 # Parameters that must not decay: gains, biases, embeddings, and the temperature/bias of the loss.
 NO_DECAY_NAMES = ("logit_scale", "logit_bias", "positional_embedding", "class_embedding", "token_embedding",
@@ -24,7 +25,8 @@ def param_groups(module: nn.Module, weight_decay: float) -> List[dict]:
     for name, param in module.named_parameters():
         if param.requires_grad:
             (no_decay if exclude_from_decay(name, param) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return split_param_groups(groups)  # FSDP: sharded and replicated parameters apart (one kind per kernel)
 
 
 def make_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -21,7 +21,8 @@ from mmcl import runs
 from mmcl.config import ConfigError, Recipe, dump_recipe, first_line
 from mmcl.models import factory
 from mmcl.objectives import Objective, build_objective, model_init_kwargs
-from mmcl.train import checkpoint, trackers
+from mmcl.train import checkpoint, fsdp, trackers
+from mmcl.train.gradsync import GradSync
 from mmcl.train.locked_cache import NoTokens
 from mmcl.train.optim import make_optimizer, make_scheduler
 
@@ -177,8 +178,18 @@ def build(recipe: Recipe, accelerator: Accelerator):
     except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as err:  # sizes torch cannot allocate
         raise ConfigError(f"objective: cannot build {recipe.objective.name} with these sizes "
                           f"({type(err).__name__}: {first_line(err)})") from None
+    if fsdp.requested(recipe) and accelerator.num_processes > 1:  # one process has nothing to shard over
+        fsdp.shard(objective, accelerator.device)
+    if recipe.model.compile:
+        factory.compile_towers(objective.model)
     optimizer = accelerator.prepare_optimizer(make_optimizer(objective, recipe.optim))
     return objective, model_cfg, optimizer
+
+
+def make_grad_sync(recipe: Recipe, objective: Objective) -> GradSync:
+    """Gradient averaging for the parameters FSDP does not reduce itself (all of them without FSDP)."""
+    params = [p for p in objective.parameters() if p.requires_grad and not fsdp.is_dtensor(p)]
+    return GradSync(params, recipe.train.grad_sync, recipe.train.grad_bucket_mb)
 
 
 def write_run_files(recipe: Recipe, run_dir: Path, model: torch.nn.Module, model_cfg: dict) -> None:
@@ -207,7 +218,7 @@ def resume_point(recipe: Recipe, run_dir: Path) -> Optional[Path]:
 def restore(ckpt: Path, objective, optimizer, scheduler, accelerator) -> TrainState:
     saved = checkpoint.load(ckpt, objective)
     try:
-        optimizer.load_state_dict(saved["optimizer"])
+        optimizer.load_state_dict(fsdp.shard_optimizer_state(saved["optimizer"], optimizer))
         scheduler.load_state_dict(saved["scheduler"])
         if accelerator.scaler is not None and saved.get("scaler"):
             accelerator.scaler.load_state_dict(saved["scaler"])
@@ -221,20 +232,23 @@ def restore(ckpt: Path, objective, optimizer, scheduler, accelerator) -> TrainSt
 
 def save_checkpoint(run_dir: Path, state: TrainState, objective, optimizer, scheduler, accelerator,
                     keep_last: int) -> None:
-    """Every process contributes its RNG state; the main process writes."""
+    """Every process contributes its RNG state (and, under FSDP, its shards); the main process writes."""
     rng = [checkpoint.rng_state()]
     if accelerator.num_processes > 1:
         gathered = [None] * accelerator.num_processes
         torch.distributed.all_gather_object(gathered, rng[0])
         rng = gathered
+    sharded = fsdp.is_sharded(objective)
+    weights = fsdp.full_state_dict(objective) if sharded else objective
+    optimizer_state = fsdp.full_optimizer_state(optimizer) if sharded else None
     if accelerator.is_main_process:
-        saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
-                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        saved = {"optimizer": optimizer_state or optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": rng, "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                  "train_state": {**asdict(state), "skipped_samples": dict(state.skipped_samples)}}
-        checkpoint.save(run_dir, state.step, objective, saved, {"epoch": state.epoch, "samples": state.samples})
+        checkpoint.save(run_dir, state.step, weights, saved, {"epoch": state.epoch, "samples": state.samples})
         checkpoint.prune(run_dir, keep_last)
     accelerator.wait_for_everyone()
 
 
 __all__ = ["TrainState", "DataPlan", "make_accelerator", "plan_data", "sample_spec", "TrainData", "epoch_batches", "build",
-           "write_run_files", "resume_point", "restore", "save_checkpoint", "make_scheduler"]
+           "write_run_files", "resume_point", "restore", "save_checkpoint", "make_scheduler", "make_grad_sync"]

@@ -8,6 +8,7 @@ from torch import nn
 
 from mmcl import distributed
 from mmcl.objectives import Objective
+from mmcl.train import fsdp
 
 BATCH_KEYS = ("image", "text", "label")
 
@@ -60,9 +61,12 @@ class RngSnapshot:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
-def plain_backward(objective: Objective, batch: dict, accelerator) -> Dict[str, torch.Tensor]:
+def plain_backward(objective: Objective, batch: dict, accelerator, sync=None) -> Dict[str, torch.Tensor]:
+    """Forward and backward over the whole batch; `sync` (a GradSync) sends gradients as they become ready."""
     with accelerator.autocast():
         losses = objective(batch)
+    if sync is not None:
+        sync.arm()
     accelerator.backward(losses["loss"])
     return {k: v.detach() for k, v in losses.items()}
 
@@ -72,12 +76,14 @@ def leaf(features: torch.Tensor) -> torch.Tensor:
     return features.detach().requires_grad_(features.is_floating_point())
 
 
-def cached_backward(objective: Objective, micro_batches: List[dict], accelerator) -> Dict[str, torch.Tensor]:
+def cached_backward(objective: Objective, micro_batches: List[dict], accelerator,
+                    sync=None) -> Dict[str, torch.Tensor]:
     """Feature-cache accumulation (GradCache): exact gradients of the loss over the whole batch.
 
     1) encode every micro-batch without gradients; 2) compute the loss once over all features (so every
     micro-batch sees the negatives of the whole batch) and back-propagate to the features; 3) re-encode each
-    micro-batch with gradients and push the cached feature gradients through the towers.
+    micro-batch with gradients and push the cached feature gradients through the towers. `sync` (a GradSync)
+    is armed for the last micro-batch only: the earlier ones accumulate, and the sums travel once.
     """
     snapshots, chunks = [], []
     with torch.no_grad():
@@ -92,13 +98,15 @@ def cached_backward(objective: Objective, micro_batches: List[dict], accelerator
         losses = objective.losses(leaves)
     accelerator.backward(losses["loss"])
     offset = 0
-    for mb, snapshot in zip(micro_batches, snapshots):
+    for index, (mb, snapshot) in enumerate(zip(micro_batches, snapshots)):
         size = batch_size_of(mb)
         snapshot.restore()
         with accelerator.autocast():
             out = objective.encode(mb)
         pairs = [(out[k], leaves[k].grad[offset:offset + size]) for k in out
                  if out[k].requires_grad and leaves[k].grad is not None]
+        if sync is not None and index == len(micro_batches) - 1:
+            sync.arm()
         if pairs:
             torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
         offset += size
@@ -107,16 +115,25 @@ def cached_backward(objective: Objective, micro_batches: List[dict], accelerator
 
 
 def grad_norm(params: List[torch.Tensor]) -> torch.Tensor:
-    """The global L2 norm of the gradients (one fused pass), as torch's clip_grad_norm_ computes it."""
+    """The global L2 norm of the gradients (one fused pass), as torch's clip_grad_norm_ computes it.
+    FSDP-sharded gradients add their shards' squared norms over processes."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    sharded = fsdp.local([g for g in grads if fsdp.is_dtensor(g)])
+    if not sharded:
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    square = torch.stack(torch._foreach_norm(sharded)).square().sum()
+    torch.distributed.all_reduce(square)
+    plain = [g for g in grads if not fsdp.is_dtensor(g)]
+    if plain:
+        square = square + torch.stack(torch._foreach_norm(plain)).square().sum()
+    return square.sqrt()
 
 
 def clip_gradients(params: List[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
     """Scale the gradients down to `max_norm` when `norm` exceeds it (torch's clip_grad_norm_ rule)."""
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = fsdp.local([p.grad for p in params if p.grad is not None])
     if grads:
         torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
 
