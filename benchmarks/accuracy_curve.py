@@ -55,7 +55,7 @@ def score(points: Dict[str, List[dict]], model_cfg: dict, data: Path, workdir: P
 def child(request_path: str) -> None:
     import open_clip
 
-    import eval as mmcl_eval
+    import mmcl.eval as mmcl_eval
     import openclip_anchor
     from mmcl.models import factory
     from mmcl.models.loading import run_towers_state

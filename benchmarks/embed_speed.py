@@ -1,7 +1,7 @@
 """`mmcl embed` images/s against the evaluation reader's feature pass, on CIFAR-10 test (10,000 images).
 
-`mmcl embed` streams the samples through the evaluation reader (eval.datasets + eval.features.embed_batches)
-and writes parts; the evaluation pass (eval.features.split_features, what `mmcl eval zeroshot` runs) keeps its
+`mmcl embed` streams the samples through the evaluation reader (mmcl.eval.datasets + mmcl.eval.features.embed_batches)
+and writes parts; the evaluation pass (mmcl.eval.features.split_features, what `mmcl eval zeroshot` runs) keeps its
 features in memory. Both are timed the same way: reading, decoding, preprocessing and the model, from the first
 shard opened to the last embedding (model loading excluded), and both with 2 loader workers and batch 256.
 Two model sizes (untrained, fixed seed: speed does not depend on the weights): the tiny test CLIP (ViT 32 px,
@@ -52,9 +52,9 @@ def export(config: dict, folder: Path) -> str:
 
 def eval_reader_child(model: str) -> None:
     """The evaluation pass as `mmcl eval zeroshot` runs it; prints images/s."""
-    from eval.cli import load_model
-    from eval.datasets import describe_split
-    from eval.features import eval_mode, split_features
+    from mmcl.eval.cli import load_model
+    from mmcl.eval.datasets import describe_split
+    from mmcl.eval.features import eval_mode, split_features
 
     net, preprocess, tokenizer = load_model(model, "cpu")
     info = describe_split(str(DATA), "test")

@@ -4,9 +4,9 @@
 
 Reads the split once (untimed) into the exact inputs mmcl's evaluation gives the model: float image batches of
 `--batch-size`, the tokens of every caption of those images (retrieval) or the class prompts in batches of
-eval.zeroshot.PROMPT_BATCH (zero-shot), each encoded as mmcl encodes it (eval.features.encode_rows). Then
+mmcl.eval.zeroshot.PROMPT_BATCH (zero-shot), each encoded as mmcl encodes it (mmcl.eval.features.encode_rows). Then
 times only the model over them, under torch.inference_mode() (and bf16 autocast with --amp), with the threads
-mmcl's policy picks for this model and `--workers` (eval.threads: every core for model-bound models, the
+mmcl's policy picks for this model and `--workers` (mmcl.eval.threads: every core for model-bound models, the
 cores the loaders would leave free for loading-bound ones), so that mmcl / ceiling measures what loading
 costs. One untimed warm-up call per tower first.
 Prints one JSON line: {"seconds", "images", "images_per_s", "threads"}.
@@ -22,11 +22,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eval.cli import load_model  # noqa: E402
-from eval.datasets import BatchPreprocess, SplitStream, describe_split  # noqa: E402
-from eval.features import autocast, encode_rows  # noqa: E402
-from eval.threads import ThreadPolicy  # noqa: E402
-from eval.zeroshot import PROMPT_BATCH, class_prompts  # noqa: E402
+from mmcl.eval.cli import load_model  # noqa: E402
+from mmcl.eval.datasets import BatchPreprocess, SplitStream, describe_split  # noqa: E402
+from mmcl.eval.features import autocast, encode_rows  # noqa: E402
+from mmcl.eval.threads import ThreadPolicy  # noqa: E402
+from mmcl.eval.zeroshot import PROMPT_BATCH, class_prompts  # noqa: E402
 
 
 def load_inputs(preprocess, tokenizer, root: str, task: str, batch_size: int):

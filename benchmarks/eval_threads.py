@@ -6,7 +6,7 @@ On a CPU the model's threads and the loaders share the cores. This measures, for
 dominates) and the 64 px model (the model dominates) of eval_vs_clip_benchmark.py, on CIFAR-10 (zero-shot;
 the 64 px model on its first 2,560 images) and Flickr8k (retrieval, whole test split): workers 0, 1, 2 x
 threads 1, 2, each in a fresh process through the Python API (model loading excluded), the settings in a
-rotating order, median of `--repeats`. It also records what mmcl's own policy (eval.threads) picks.
+rotating order, median of `--repeats`. It also records what mmcl's own policy (mmcl.eval.threads) picks.
 Results: benchmarks/results/eval_threads.json and a markdown table.
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ SETTINGS = [(w, t) for w in (0, 1, 2) for t in (1, 2)]
 
 def run_one(args) -> None:
     """One evaluation in this fresh process; prints a JSON line."""
-    from eval import evaluate_dataset
-    from eval.cli import load_model
+    from mmcl.eval import evaluate_dataset
+    from mmcl.eval.cli import load_model
 
     model, preprocess, tokenizer = load_model(args.model, "cpu")
     threads = args.threads or None

@@ -50,7 +50,7 @@ def write_synthetic(root: Path, train: int, test: int, size: int) -> Path:
     import numpy as np
     from PIL import Image
 
-    from data_pipelines.writers import ShardWriter
+    from mmcl.data_pipelines.writers import ShardWriter
 
     rng = np.random.default_rng(0)
     words = ["red", "blue", "green", "small", "large", "round", "square", "dog", "cat", "car", "tree", "house"]
@@ -170,7 +170,7 @@ def evaluation(args, data: Path) -> dict:
     import open_clip
     import torch
 
-    from eval import evaluate_dataset
+    from mmcl.eval import evaluate_dataset
 
     export = common.WORK / "gpu" / "export"
     export.mkdir(parents=True, exist_ok=True)

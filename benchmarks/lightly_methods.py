@@ -23,7 +23,7 @@ from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
 from mmcl.models.multicrop import encode_any_size
-from mmcl.train.optim import make_optimizer, make_scheduler
+from mmcl.trainer.optim import make_optimizer, make_scheduler
 
 
 def lightly_head(mmcl_head: nn.Sequential) -> lightly_heads.ProjectionHead:

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks are plain scripts next to their shared helpers)
 
-from mmcl.train.logs import read_metrics  # noqa: E402
+from mmcl.trainer.logs import read_metrics  # noqa: E402
 
 CIFAR = common.SHARED_DATA / "cifar10"
 FLICKR = common.SHARED_DATA / "flickr8k"

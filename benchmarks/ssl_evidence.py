@@ -30,10 +30,10 @@ from accelerate.utils import set_seed
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks are plain scripts next to their shared helpers)
 
-import eval as mmcl_eval  # noqa: E402
+import mmcl.eval as mmcl_eval  # noqa: E402
 from mmcl.config import load_recipe  # noqa: E402
 from mmcl.models import build_model, eval_preprocess, load_model, make_tokenizer  # noqa: E402
-from mmcl.train.logs import read_metrics  # noqa: E402
+from mmcl.trainer.logs import read_metrics  # noqa: E402
 
 CIFAR = common.SHARED_DATA / "cifar10"
 FLICKR = common.SHARED_DATA / "flickr8k"

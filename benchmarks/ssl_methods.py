@@ -7,7 +7,7 @@ For each seed, the batches are made once by mmcl's multi-view pipeline from the 
 2 small 16 px views (scale 0.05-0.14, used by SwAV only), and held in memory. Every method then trains on
 exactly those batches, from its tiny recipe (`recipes/cifar10_METHOD_tiny.yaml`: same tower, batch 128, the
 seed as `train.seed`), for the same number of steps:
-- mmcl: the trainer's own step (`mmcl.train.loop.optimizer_step`, and `before_epoch` at each epoch start);
+- mmcl: the trainer's own step (`mmcl.trainer.loop.optimizer_step`, and `before_epoch` at each epoch start);
 - lightly: `benchmarks/lightly_methods.py`, lightly's heads, losses, momentum updates and schedules on a copy
   of the same initial tower and heads, with the same AdamW, schedule and clipping (PCL: lightly has none).
 Each trained tower (and the untrained one of each seed) is scored by the functions `mmcl eval probe` runs:
@@ -38,15 +38,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-import eval as mmcl_eval  # noqa: E402
-from data_pipelines import shards  # noqa: E402
-from data_pipelines.stream import SampleSpec, ShardStream  # noqa: E402
-from eval.geometry import collapse_metrics  # noqa: E402
-from eval.probe import knn_metrics, linear_probe_metrics  # noqa: E402
+import mmcl.eval as mmcl_eval  # noqa: E402
+from mmcl.data_pipelines import shards  # noqa: E402
+from mmcl.data_pipelines.stream import SampleSpec, ShardStream  # noqa: E402
+from mmcl.eval.geometry import collapse_metrics  # noqa: E402
+from mmcl.eval.probe import knn_metrics, linear_probe_metrics  # noqa: E402
 from mmcl.config import load_recipe  # noqa: E402
 from mmcl.models import eval_preprocess  # noqa: E402
-from mmcl.train import loop  # noqa: E402
-from mmcl.train import setup as S  # noqa: E402
+from mmcl.trainer import loop  # noqa: E402
+from mmcl.trainer import setup as S  # noqa: E402
 
 METHODS = ("simclr", "moco", "byol", "simsiam", "vicreg", "swav", "pcl")
 CIFAR = common.SHARED_DATA / "cifar10"

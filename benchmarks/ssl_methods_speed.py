@@ -4,7 +4,7 @@
 
 For SimCLR, MoCo v2, BYOL, SimSiam, VICReg and SwAV: the method's tiny CIFAR-10 recipe, with its tower as
 shipped ("tiny": ViT width 128, 4 layers, 16 patches of 8 px) and a larger one ("small": width 256, 6 layers,
-64 patches of 4 px). The mmcl side is the trainer's step (`mmcl.train.loop.optimizer_step`); the lightly side
+64 patches of 4 px). The mmcl side is the trainer's step (`mmcl.trainer.loop.optimizer_step`); the lightly side
 is `benchmarks/lightly_methods.py` (lightly's heads, losses, momentum updates; the same tower, AdamW and
 clipping). Both train on the same batches from mmcl's pipeline, loaded into memory first, so that only the
 step is timed: after 3 warm-up steps each, blocks of `--steps` steps alternate between the two sides (order
@@ -27,8 +27,8 @@ import common  # noqa: E402
 from lightly_methods import LIGHTLY  # noqa: E402
 
 from mmcl.config import load_recipe  # noqa: E402
-from mmcl.train import loop  # noqa: E402
-from mmcl.train import setup as S  # noqa: E402
+from mmcl.trainer import loop  # noqa: E402
+from mmcl.trainer import setup as S  # noqa: E402
 
 METHODS = ("simclr", "moco", "byol", "simsiam", "vicreg", "swav")
 SIZES = {"tiny": [], "small": ["model.config.vision_cfg.width=256", "model.config.vision_cfg.layers=6",

@@ -6,7 +6,7 @@ Recipe cifar10_simclr_tiny (ViT image tower at 32 px, MLP head, two views, tempe
 ../shared/data/cifar10. Batches of views come from mmcl's multi-view pipeline and are loaded into memory
 first, so both sides train on identical inputs and only the step is timed.
 
-- mmcl: `mmcl.train.loop.optimizer_step` (objective -> mmcl NTXentLoss -> backward -> clip -> AdamW ->
+- mmcl: `mmcl.trainer.loop.optimizer_step` (objective -> mmcl NTXentLoss -> backward -> clip -> AdamW ->
   schedule), as `mmcl train` runs it.
 - lightly: a copy of the same image tower and head made before the first step, `lightly.loss.NTXentLoss`,
   and the loop lightly's examples use (forward both views, loss, backward, clip, step), with the same AdamW
@@ -36,7 +36,7 @@ TARGET_RATIO = 0.95
 
 def build_mmcl(args):
     from mmcl.config import load_recipe
-    from mmcl.train import loop
+    from mmcl.trainer import loop
 
     overrides = [f"data.train=[{common.SHARED_DATA / 'cifar10'}]", f"train.output_dir={common.WORK / 'ssl' / 'run'}",
                  "train.resume=none", "train.progress=false", "train.save_every=0", "eval.datasets=[]",
@@ -55,7 +55,7 @@ class LightlySimCLR:
         from lightly.loss import NTXentLoss
         from torch import nn
 
-        from mmcl.train.optim import make_optimizer, make_scheduler
+        from mmcl.trainer.optim import make_optimizer, make_scheduler
 
         self.module = nn.ModuleDict({"visual": copy.deepcopy(objective.model.visual),
                                      "head": copy.deepcopy(objective.head)})
@@ -81,14 +81,14 @@ class LightlySimCLR:
 
 
 def load_batches(recipe, run, count: int) -> list:
-    from mmcl.train import setup as S
+    from mmcl.trainer import setup as S
 
     batches = list(itertools.islice(S.epoch_batches(recipe, run.plan, run.spec, 0, 0), count))
     return [{k: v for k, v in b.items() if k in ("views",)} for b in batches]
 
 
 def mmcl_step(run, batch: dict) -> float:
-    from mmcl.train import loop
+    from mmcl.trainer import loop
 
     losses, _ = loop.optimizer_step(run, dict(batch))
     return float(losses["loss"])

@@ -3,8 +3,8 @@
     python benchmarks/step_speed.py RECIPE.yaml [--override key=value ...] [--count-flops]
     torchrun --nproc_per_node 2 benchmarks/step_speed.py RECIPE.yaml ...     # several processes
 
-The run is set up by the trainer itself (mmcl.train.loop.start: Accelerator, objective, AdamW, gradient
-sync, FSDP, compile) and steps with mmcl.train.loop.optimizer_step, so every switch of the recipe applies.
+The run is set up by the trainer itself (mmcl.trainer.loop.start: Accelerator, objective, AdamW, gradient
+sync, FSDP, compile) and steps with mmcl.trainer.loop.optimizer_step, so every switch of the recipe applies.
 Batches are random images and tokens of the recipe's shapes, made once on the device (the ceiling the data
 pipeline is measured against). The main process prints one JSON line: the median seconds per step, global
 samples/s over the measured steps, the world size, the buckets the gradient sync sent during the backward
@@ -39,7 +39,7 @@ def count_step_flops(run, batch) -> float:
     """Model FLOPs of one forward + backward of this process's batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mmcl.train import step as T
+    from mmcl.trainer import step as T
 
     counter = FlopCounterMode(display=False)
     with counter:
@@ -52,7 +52,7 @@ def measure(recipe_path: str, overrides, warmup: int, steps: int, count_flops: b
     import torch
 
     from mmcl.config import load_recipe
-    from mmcl.train import loop
+    from mmcl.trainer import loop
 
     run, _ = loop.start(load_recipe(recipe_path, list(overrides) + [f"train.max_steps={warmup + steps}"]))
     batch_size, world = run.recipe.train.batch_size, run.accelerator.num_processes

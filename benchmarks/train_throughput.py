@@ -12,7 +12,7 @@ per log window, which also covers the wait for data).
 Variants:
 - mmcl: `mmcl train RECIPE` end to end (shards -> decode -> augment -> tokenize -> step).
 - open_clip_train: `open_clip_train.main` with the same settings (webdataset 0.2.86, see openclip_anchor.py).
-- mmcl_in_memory: mmcl's own optimizer step (`mmcl.train.loop.optimizer_step`) on batches loaded beforehand:
+- mmcl_in_memory: mmcl's own optimizer step (`mmcl.trainer.loop.optimizer_step`) on batches loaded beforehand:
   the ceiling the pipeline is measured against (pipeline efficiency = end-to-end / in-memory).
 - mmcl_in_memory_plain (`--ablation`, on by default): the same with `model.packed_attention=false
   optim.fused=false`, i.e. open_clip's nn.MultiheadAttention path and torch's default AdamW: what those two
@@ -142,8 +142,8 @@ def in_memory_child(args) -> None:
     """In this process: load warmup + steps batches first, then time mmcl's optimizer step on them."""
     import itertools
 
-    from mmcl.train import loop
-    from mmcl.train import setup as S
+    from mmcl.trainer import loop
+    from mmcl.trainer import setup as S
 
     recipe = load_recipe(args.recipe, base_overrides(args, Path(args.data), Path(args.child_out)) + ["data.workers=0"] +
                          list(args.override or []))

@@ -17,4 +17,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'data_pipelines' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"data_pipelines.{_EXPORTS[name]}"), name)
+    return getattr(importlib.import_module(f"mmcl.data_pipelines.{_EXPORTS[name]}"), name)

@@ -2,7 +2,7 @@
 
 `add_data_subcommands(subparsers)` adds them to mmcl's parser; each handler raises ValueError or
 FileNotFoundError with a one-line message on bad input, which `main` (here and in mmcl.cli) prints as
-`mmcl: error: MESSAGE` with exit status 2. `python -m data_pipelines.cli data ...` runs them without mmcl.
+`mmcl: error: MESSAGE` with exit status 2. `python -m mmcl.data_pipelines.cli data ...` runs them without mmcl.
 """
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import argparse
 import sys
 from typing import Any, Dict, List, Optional
 
-from data_pipelines.digits import SOURCES, build_digits
-from data_pipelines.info import dataset_info, format_info
-from data_pipelines.writers import write_from_csv, write_from_folder, write_from_jsonl
+from mmcl.data_pipelines.digits import SOURCES, build_digits
+from mmcl.data_pipelines.info import dataset_info, format_info
+from mmcl.data_pipelines.writers import write_from_csv, write_from_folder, write_from_jsonl
 
 
 def _plural(n: int, word: str) -> str:
@@ -114,7 +114,7 @@ def add_data_subcommands(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """`python -m data_pipelines.cli data ...`: the data commands alone, with mmcl's error convention."""
+    """`python -m mmcl.data_pipelines.cli data ...`: the data commands alone, with mmcl's error convention."""
     parser = argparse.ArgumentParser(prog="mmcl")
     subparsers = parser.add_subparsers(dest="command", metavar="{data}")
     subparsers.required = True

@@ -23,7 +23,7 @@ MAX_CAPTION_CHARS = 8192
 MAX_WORD_CHARS = 128
 
 # Kinds of bad sample, the names under which the streams count them. The last two count damaged shards
-# (once each time the shard is read; data_pipelines.tarstream decides which), the others samples.
+# (once each time the shard is read; mmcl.data_pipelines.tarstream decides which), the others samples.
 KINDS = (
     "missing_image",
     "empty_image",

@@ -26,8 +26,8 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 from PIL import Image
 
-from data_pipelines.shards import CLASSNAMES_FILE, TEMPLATES_FILE
-from data_pipelines.writers import ShardWriter
+from mmcl.data_pipelines.shards import CLASSNAMES_FILE, TEMPLATES_FILE
+from mmcl.data_pipelines.writers import ShardWriter
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SOURCES = ("mnist", "sklearn")

@@ -12,7 +12,7 @@ import re
 import tarfile
 from typing import Any, Dict, List, Optional
 
-from data_pipelines.shards import (CLASSNAMES_FILE, TEMPLATES_FILE, dataset_task, folder_urls, list_splits,
+from mmcl.data_pipelines.shards import (CLASSNAMES_FILE, TEMPLATES_FILE, dataset_task, folder_urls, list_splits,
                                    read_classnames, read_templates, split_size)
 
 # webdataset's rule: the key is the member path up to the first dot of its file name.

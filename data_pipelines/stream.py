@@ -22,8 +22,8 @@ import torch
 from webdataset.tariterators import tarfile_samples
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipelines import decode, tarstream
-from data_pipelines.decode import BadSample
+from mmcl.data_pipelines import decode, tarstream
+from mmcl.data_pipelines.decode import BadSample
 
 
 @dataclass
@@ -59,7 +59,7 @@ class SampleSpec:
 
 @dataclass
 class SkipCounter:
-    """Bad samples skipped, by kind (see data_pipelines.decode.KINDS). Deltas travel with each batch."""
+    """Bad samples skipped, by kind (see mmcl.data_pipelines.decode.KINDS). Deltas travel with each batch."""
 
     counts: Counter = field(default_factory=Counter)
 
@@ -114,7 +114,7 @@ class ShardStream(IterableDataset):
     """Samples from shards, decoded and transformed, in fixed-size batches.
 
     Args:
-        urls: local shard paths (resolve patterns and dataset folders with data_pipelines.shards).
+        urls: local shard paths (resolve patterns and dataset folders with mmcl.data_pipelines.shards).
         spec: which fields each sample carries.
         batch_size: samples per batch on this process.
         seed, epoch: the stream is a deterministic function of these (and of rank and worker).

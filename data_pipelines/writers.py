@@ -7,7 +7,7 @@ Each sample holds the image (`jpg`, `png` or `webp`), `txt` (its captions, one a
 A shard is written to `{i}.tar.tmp` and renamed to `{i}.tar` only when complete, so a crash never leaves a
 truncated shard under a final name; `nshards.txt` and `sizes.json` are written last, when every shard is done.
 Unreadable images, missing images and empty captions are skipped and counted by kind (the kinds of
-`data_pipelines.decode.KINDS`).
+`mmcl.data_pipelines.decode.KINDS`).
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import webdataset as wds
 from PIL import Image
 
-from data_pipelines.decode import DEFAULT_MAX_PIXELS, BadSample, decode_captions, decode_image
-from data_pipelines.shards import NSHARDS_FILE, SIZES_FILE
+from mmcl.data_pipelines.decode import DEFAULT_MAX_PIXELS, BadSample, decode_captions, decode_image
+from mmcl.data_pipelines.shards import NSHARDS_FILE, SIZES_FILE
 
 # Files a folder source reads as images. Formats outside jpg/png/webp are re-encoded to PNG.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

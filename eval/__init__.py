@@ -8,11 +8,11 @@ Python API (the trainer uses `evaluate_dataset`):
     knn_metrics(...), linear_probe_metrics(...), geometry_metrics(...)
 Metric functions take tensors only; the definitions are CLIP_benchmark's (see each module).
 """
-from eval.geometry import alignment, geometry_metrics, modality_gap, uniformity
-from eval.probe import knn_metrics, knn_scores, linear_probe_metrics
-from eval.retrieval import evaluate_retrieval, recall_curve, retrieval_metrics
-from eval.runner import EvalOptions, evaluate_dataset
-from eval.zeroshot import classification_metrics, zeroshot_classifier, zeroshot_logits
+from mmcl.eval.geometry import alignment, geometry_metrics, modality_gap, uniformity
+from mmcl.eval.probe import knn_metrics, knn_scores, linear_probe_metrics
+from mmcl.eval.retrieval import evaluate_retrieval, recall_curve, retrieval_metrics
+from mmcl.eval.runner import EvalOptions, evaluate_dataset
+from mmcl.eval.zeroshot import classification_metrics, zeroshot_classifier, zeroshot_logits
 
 __all__ = [
     "evaluate_dataset", "EvalOptions",

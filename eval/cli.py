@@ -2,7 +2,7 @@
 
 mmcl/cli.py calls `add_eval_subcommands(subparsers)`; each command sets `func(args) -> int`. Bad input
 raises ValueError / FileNotFoundError with a one-line message, which `mmcl` prints as `mmcl: error: ...`
-(exit code 2). `python -m eval.cli ...` runs the same commands stand-alone with the same behaviour.
+(exit code 2). `python -m mmcl.eval.cli ...` runs the same commands stand-alone with the same behaviour.
 
 Models (`--model`): `local-dir:DIR` (an open_clip export, loaded here through open_clip), or anything
 `mmcl.models.load_model` accepts: an mmcl run directory, `NAME` or `NAME:WEIGHTS_FILE` (open_clip
@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from eval.retrieval import DEFAULT_KS
+from mmcl.eval.retrieval import DEFAULT_KS
 
 COMMANDS = {
     "zeroshot": ("zero-shot classification: acc1, acc5, mean per-class recall", "zeroshot_classification"),
@@ -133,8 +133,8 @@ def _check_data(roots: List[str]) -> None:
 
 def run_eval(args) -> int:
     """Handler of every `mmcl eval` command: evaluate each --data folder, print the table, write --out."""
-    from eval.report import markdown_table, write_reports
-    from eval.runner import evaluate_dataset
+    from mmcl.eval.report import markdown_table, write_reports
+    from mmcl.eval.runner import evaluate_dataset
 
     _check_data(args.data)
     device = args.device or default_device()
@@ -155,7 +155,7 @@ def run_eval(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Stand-alone entry point (`python -m eval.cli eval ...` style, without the `mmcl` program)."""
+    """Stand-alone entry point (`python -m mmcl.eval.cli eval ...` style, without the `mmcl` program)."""
     parser = argparse.ArgumentParser(prog="mmcl")
     add_eval_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

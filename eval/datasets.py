@@ -1,10 +1,10 @@
 """Evaluation data: a CLIP_benchmark-layout split read once, in order, decoded safely, preprocessed, batched.
 
-Layout (see data_pipelines.shards): `ROOT/SPLIT/{0..N-1}.tar` + `nshards.txt`, `ROOT/classnames.txt`,
+Layout (see mmcl.data_pipelines.shards): `ROOT/SPLIT/{0..N-1}.tar` + `nshards.txt`, `ROOT/classnames.txt`,
 `ROOT/zeroshot_classification_templates.txt`, `ROOT/dataset_type.txt`.
 
 Speed comes from three things that leave every number unchanged:
-- shards are read with data_pipelines.tarstream (6x faster than `tarfile` on small images);
+- shards are read with mmcl.data_pipelines.tarstream (6x faster than `tarfile` on small images);
 - an open_clip / torchvision eval transform is split in two: its PIL steps (resize, crop, RGB) run per sample,
   its ToTensor + Normalize tail runs once per batch on uint8 pixels (bit-identical, 4x less to send
   between processes);
@@ -30,10 +30,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms as T
 
-from data_pipelines import decode, shards
-from data_pipelines.decode import BadSample
-from data_pipelines.tarstream import shard_samples
-from data_pipelines.transforms import pixels_to_input
+from mmcl.data_pipelines import decode, shards
+from mmcl.data_pipelines.decode import BadSample
+from mmcl.data_pipelines.tarstream import shard_samples
+from mmcl.data_pipelines.transforms import pixels_to_input
 
 CLASSIFICATION, RETRIEVAL = "classification", "retrieval"
 
@@ -145,7 +145,7 @@ class SplitStream(IterableDataset):
     `pixels` are BatchPreprocess.sample's outputs stacked (BatchPreprocess.finish makes the model input).
     With `meta`, batches also carry each sample's "keys", "urls" (its shard) and "offsets" (of its first tar
     header); with `optional_captions`, a sample without `txt` keeps its image and gets no captions.
-    Bad samples are skipped and counted by kind (data_pipelines.decode.KINDS); each batch carries the counts
+    Bad samples are skipped and counted by kind (mmcl.data_pipelines.decode.KINDS); each batch carries the counts
     of its own window, so a window of only bad samples is a batch with count 0.
     """
 

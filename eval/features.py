@@ -15,8 +15,8 @@ from typing import Callable, Dict, Iterator, Optional
 import torch
 
 from mmcl.progress import progress_bar
-from eval.datasets import BatchPreprocess, Limit, SplitInfo, SplitStream, batch_iterator, prefetch
-from eval.threads import ThreadPolicy
+from mmcl.eval.datasets import BatchPreprocess, Limit, SplitInfo, SplitStream, batch_iterator, prefetch
+from mmcl.eval.threads import ThreadPolicy
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Features:
     text_to_image: Optional[torch.Tensor] = None  # [T] image index of each caption
     skipped: Dict[str, int] = field(default_factory=dict)  # bad samples by kind
     seconds: float = 0.0  # reading, decoding and embedding
-    threads: Dict[str, object] = field(default_factory=dict)  # the model's CPU threads (eval.threads)
+    threads: Dict[str, object] = field(default_factory=dict)  # the model's CPU threads (mmcl.eval.threads)
 
     @property
     def samples(self) -> int:
@@ -123,7 +123,7 @@ def embed_batches(model: torch.nn.Module, batches: Iterator[dict], device: torch
                   tokenizer: Optional[Callable] = None, amp: bool = False, progress=None, collector=None,
                   threads: Optional[ThreadPolicy] = None) -> Features:
     """Run the model over prepared batches ("images", optional "labels", "captions" / "tokens"); `threads`
-    sets torch's threads from the first images (eval.threads).
+    sets torch's threads from the first images (mmcl.eval.threads).
 
     `collector` receives each batch's embeddings (`add(batch, image, text)`, `skipped`, `features(seconds)`);
     the default keeps them all in memory. A collector that writes them out bounds the memory.
@@ -153,7 +153,7 @@ def split_features(model: torch.nn.Module, preprocess: Callable, tokenizer: Opti
                    channels_last: bool = False, progress: bool = False, threads: Optional[int] = None) -> Features:
     """Embeddings of a split: images always, plus `labels` (default: for classification splits) and the
     embeddings of every caption (`texts`, default: for retrieval splits, with `tokenizer`). On a CPU the
-    model's threads follow eval.threads.ThreadPolicy (`threads` fixes them); `Features.threads` says what
+    model's threads follow mmcl.eval.threads.ThreadPolicy (`threads` fixes them); `Features.threads` says what
     was used.
 
     Raises ValueError naming the split when it holds no usable sample.

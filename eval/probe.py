@@ -14,7 +14,7 @@ from typing import Dict
 import numpy as np
 import torch
 
-from eval.zeroshot import classification_metrics
+from mmcl.eval.zeroshot import classification_metrics
 
 _BLOCK_ELEMENTS = 1 << 22
 

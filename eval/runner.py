@@ -11,7 +11,7 @@ classification):
   effective_rank, uniformity). No text tower needed (SimCLR / MoCo / BYOL ... models).
 The result: {"dataset", "root", "split", "task", "metrics", "samples", "skipped", "seconds",
 "images_per_s", "threads", "details"} where details holds what the plots need and threads what the model ran
-with on a CPU (eval.threads).
+with on a CPU (mmcl.eval.threads).
 """
 from __future__ import annotations
 
@@ -23,14 +23,14 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from data_pipelines import shards
-from eval.datasets import CLASSIFICATION, RETRIEVAL, SplitInfo, describe_split
-from eval.features import Features, eval_mode, model_device, split_features
-from eval.geometry import collapse_metrics, geometry_metrics
-from eval.probe import knn_metrics, linear_probe_metrics
-from eval.retrieval import DEFAULT_KS, evaluate_retrieval, recall_curve
-from eval.threads import fixed_threads
-from eval.zeroshot import zeroshot_evaluate
+from mmcl.data_pipelines import shards
+from mmcl.eval.datasets import CLASSIFICATION, RETRIEVAL, SplitInfo, describe_split
+from mmcl.eval.features import Features, eval_mode, model_device, split_features
+from mmcl.eval.geometry import collapse_metrics, geometry_metrics
+from mmcl.eval.probe import knn_metrics, linear_probe_metrics
+from mmcl.eval.retrieval import DEFAULT_KS, evaluate_retrieval, recall_curve
+from mmcl.eval.threads import fixed_threads
+from mmcl.eval.zeroshot import zeroshot_evaluate
 
 ZEROSHOT, RETRIEVAL_TASK, GEOMETRY = "zeroshot_classification", "zeroshot_retrieval", "geometry"
 KNN, LINEAR_PROBE = "knn", "linear_probe"
@@ -56,7 +56,7 @@ class EvalOptions:
     knn_k: int = 20
     knn_temperature: float = 0.07
     probe_c: float = 1.0
-    threads: Optional[int] = None  # CPU threads of the model; default: measured (eval.threads)
+    threads: Optional[int] = None  # CPU threads of the model; default: measured (mmcl.eval.threads)
     amp: bool = False
     channels_last: bool = False
     progress: bool = False

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Sequence, Union
 import numpy as np
 import torch
 
-from eval.features import autocast, encode_rows
+from mmcl.eval.features import autocast, encode_rows
 from mmcl.progress import progress_bar
 
 Templates = Union[Sequence[str], Dict[str, Sequence[str]]]

@@ -12,7 +12,9 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+# recipes/ sits beside mmcl/ in a checkout; a wheel carries it inside, as mmcl/recipes/ (pyproject's package-dir)
+_HERE = Path(__file__).resolve().parent
+RECIPES_DIR = _HERE / "recipes" if (_HERE / "recipes").is_dir() else _HERE.parent / "recipes"
 
 
 WORKER_TRACEBACK = "Original Traceback (most recent call last):"
@@ -50,8 +52,8 @@ def find_recipe(name: str) -> str:
 
 def cmd_train(args) -> int:
     from mmcl.config import load_recipe
-    from mmcl.train import train
-    from mmcl.train.loop import dry_run
+    from mmcl.trainer import train
+    from mmcl.trainer.loop import dry_run
 
     from mmcl.distributed import shutdown
 
@@ -107,7 +109,7 @@ def objectives_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from data_pipelines.cli import add_data_subcommands
+    from mmcl.data_pipelines.cli import add_data_subcommands
 
     parser = Parser(prog="mmcl", description="Contrastive pretraining: CLIP, SigLIP, SimCLR, MoCo, SLIP")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_search_subcommands(sub)
     try:
-        from eval.cli import add_eval_subcommands
+        from mmcl.eval.cli import add_eval_subcommands
     except ImportError as err:  # pragma: no cover - only while the eval package is being developed
         print(f"mmcl: eval commands unavailable: {err}", file=sys.stderr)
     else:
@@ -156,10 +158,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Every known failure ends here as one line: bad input (exit 2), a run that cannot go on (exit 1)."""
     from pickle import UnpicklingError
 
-    from data_pipelines.stream import NoUsableSamples
+    from mmcl.data_pipelines.stream import NoUsableSamples
     from mmcl.config import ConfigError
     from mmcl.models.weights import UnsafeCheckpointError
-    from mmcl.train.loop import TrainingError
+    from mmcl.trainer.loop import TrainingError
 
     warnings.formatwarning = format_warning
     args = parse(build_parser(), argv)

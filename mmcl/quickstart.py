@@ -4,26 +4,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-from mmcl.cli import find_recipe
-from mmcl.config import load_recipe
+import mmcl
 
 RECIPE = "digits_clip_tiny"
 
 
 def quickstart(out: Path, steps: Optional[int] = None, overrides: Optional[List[str]] = None) -> dict:
     """Build the digit shards (once), train the tiny CLIP, evaluate zero-shot and retrieval, plot."""
-    from data_pipelines.digits import build_digits
-    from mmcl.train import train
-
     data = out / "data" / "digits"
     if not (data / "train" / "nshards.txt").is_file():
-        build_digits(str(data), overwrite=True)
+        mmcl.build_shards("digits", data, overwrite=True)
         print(f"built the embedded digits shards in {data}")
     run_dir = out / "run"
     settings = [f"data.train=[{data}]", f"eval.datasets=[{data}]", f"eval.retrieval=[{data}]",
                 f"train.output_dir={run_dir}", *(overrides or [])]
     if steps is not None:
         settings.append(f"train.max_steps={steps}")
-    summary = train(load_recipe(find_recipe(RECIPE), settings))
+    summary = mmcl.train(RECIPE, overrides=settings)
     print(f"\nrun directory: {run_dir}\nplots: {', '.join(summary.get('plots', {}).values())}")
     return summary

@@ -122,7 +122,7 @@ def check_keys(where: str, mapping: dict, known: set) -> None:
 
 
 def check_data(recipe: Recipe) -> None:
-    from data_pipelines import shards
+    from mmcl.data_pipelines import shards
 
     d = recipe.data
     if not d.train:
@@ -193,7 +193,7 @@ def check_train(recipe: Recipe) -> None:
         raise ConfigError(f"train.resume: {t.resume} is not a complete checkpoint (no {runs.META}; "
                           f"give a folder like RUN/{runs.CHECKPOINTS}/{runs.checkpoint_name(100)})")
     check_output_dir(t.output_dir)
-    from mmcl.train.trackers import check_trackers
+    from mmcl.trainer.trackers import check_trackers
 
     check_trackers(t.log_with)
     for name in t.tracker_kwargs:
@@ -207,7 +207,7 @@ YEAR_S = 365 * 24 * 3600
 
 def check_scale_out(recipe: Recipe) -> None:
     """FSDP combinations mmcl does not run (each refused before any work, rather than failing mid-run)."""
-    from mmcl.train.fsdp import requested
+    from mmcl.trainer.fsdp import requested
 
     if not requested(recipe):
         return
@@ -274,7 +274,7 @@ def needs_labels(recipe: Recipe) -> bool:
 
 def check_labels(recipe: Recipe) -> None:
     """Objectives on class labels read `cls`: refuse data whose first sample has none, before any training."""
-    from data_pipelines import shards, tarstream
+    from mmcl.data_pipelines import shards, tarstream
 
     if not needs_labels(recipe):
         return
@@ -347,7 +347,7 @@ def check_views_and_heads(recipe: Recipe) -> None:
 
 
 def check_pcl(recipe: Recipe) -> None:
-    from data_pipelines import shards
+    from mmcl.data_pipelines import shards
 
     pcl, moco = recipe.objective.section("pcl"), recipe.objective.section("moco")
     if moco.version != 2:

@@ -38,7 +38,7 @@ def write_pictures(root: Path, count: int = 48, split: str = "train") -> Path:
     import numpy as np
     from PIL import Image
 
-    from data_pipelines.writers import ShardWriter
+    from mmcl.data_pipelines.writers import ShardWriter
 
     rng = np.random.default_rng(0)
     with ShardWriter(str(root / split), shard_size=24, overwrite=True) as writer:
@@ -54,7 +54,7 @@ def write_pictures(root: Path, count: int = 48, split: str = "train") -> Path:
 
 def write_shards(folder: Path, samples: List[dict], shard_size: int) -> Path:
     """Samples (webdataset dicts) written as shards `folder/0.tar`, `folder/1.tar`, ... with nshards.txt."""
-    from data_pipelines.writers import ShardWriter
+    from mmcl.data_pipelines.writers import ShardWriter
 
     with ShardWriter(str(folder), shard_size=shard_size) as writer:
         for sample in samples:
@@ -124,7 +124,7 @@ CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> str:
     """The embedded digits (MNIST-5k: 4000 train / 1000 test in CLIP_benchmark's layout), built once."""
-    from data_pipelines.digits import build_digits
+    from mmcl.data_pipelines.digits import build_digits
 
     root = tmp_path_factory.mktemp("data") / "digits"
     build_digits(str(root))

@@ -24,7 +24,7 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import group_by_keys
 
-from data_pipelines import decode
+from mmcl.data_pipelines import decode
 
 BLOCK = 512
 SHARD_LEVEL = ("read_error", "truncated_tar")

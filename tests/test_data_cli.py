@@ -9,7 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
-from data_pipelines import cli, shards
+from mmcl.data_pipelines import cli, shards
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -139,7 +139,7 @@ def test_subcommands_plug_into_another_parser(tmp_path, capsys):
 
 
 def test_module_entry_point_runs(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "data_pipelines.cli", "data", "info", str(tmp_path)],
+    result = subprocess.run([sys.executable, "-m", "mmcl.data_pipelines.cli", "data", "info", str(tmp_path)],
                             capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": REPO_ROOT})
     assert result.returncode == 2

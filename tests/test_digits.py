@@ -7,8 +7,8 @@ import os
 import pytest
 import webdataset as wds
 
-from data_pipelines import digits, shards
-from data_pipelines.decode import sample_captions, sample_image, sample_label
+from mmcl.data_pipelines import digits, shards
+from mmcl.data_pipelines.decode import sample_captions, sample_image, sample_label
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from data_pipelines.writers import ShardWriter
-from eval.datasets import BatchPreprocess, Limit, SplitStream, batch_iterator, describe_split, prefetch
-from data_pipelines.tarstream import shard_samples
+from mmcl.data_pipelines.writers import ShardWriter
+from mmcl.eval.datasets import BatchPreprocess, Limit, SplitStream, batch_iterator, describe_split, prefetch
+from mmcl.data_pipelines.tarstream import shard_samples
 
 
 def jpeg(color, size=(20, 14), mode="RGB", fmt="JPEG"):

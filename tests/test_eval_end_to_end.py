@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from conftest import export_open_clip, write_shards
-from eval import evaluate_dataset
-from eval.cli import load_model, main
+from mmcl.eval import evaluate_dataset
+from mmcl.eval.cli import load_model, main
 
 pytestmark = pytest.mark.filterwarnings("ignore:WebDataset\\(shardshuffle")  # clip_benchmark's loader
 

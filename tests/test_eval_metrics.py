@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.geometry import alignment, geometry_metrics, modality_gap, uniformity
-from eval.probe import knn_metrics, knn_scores, linear_probe_metrics
-from eval.retrieval import captions_by_image, evaluate_retrieval, recall_curve, retrieval_metrics
-from eval.zeroshot import classification_metrics, per_class_recall, zeroshot_classifier, zeroshot_logits
+from mmcl.eval.geometry import alignment, geometry_metrics, modality_gap, uniformity
+from mmcl.eval.probe import knn_metrics, knn_scores, linear_probe_metrics
+from mmcl.eval.retrieval import captions_by_image, evaluate_retrieval, recall_curve, retrieval_metrics
+from mmcl.eval.zeroshot import classification_metrics, per_class_recall, zeroshot_classifier, zeroshot_logits
 
 
 # ---- classification ----------------------------------------------------------------------------

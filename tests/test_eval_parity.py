@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 zc = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
 zr = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval")
 
-from eval.retrieval import retrieval_metrics  # noqa: E402
-from eval.zeroshot import classification_metrics, zeroshot_logits  # noqa: E402
+from mmcl.eval.retrieval import retrieval_metrics  # noqa: E402
+from mmcl.eval.zeroshot import classification_metrics, zeroshot_logits  # noqa: E402
 
 
 def numpy2_accuracy(output, target, topk=(1,)):

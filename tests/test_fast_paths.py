@@ -12,14 +12,14 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import functional as TF
 
-from data_pipelines.stream import SampleSpec, ShardStream, make_loader
-from data_pipelines.tokens import CachedTokenizer
-from data_pipelines.transforms import ClipTrainTransform, clip_transform
+from mmcl.data_pipelines.stream import SampleSpec, ShardStream, make_loader
+from mmcl.data_pipelines.tokens import CachedTokenizer
+from mmcl.data_pipelines.transforms import ClipTrainTransform, clip_transform
 from mmcl.config import ModelConfig, OptimConfig
 from mmcl.models import factory
 from mmcl.models.attention import PackedSelfAttention, use_packed_attention
-from mmcl.train import step as T
-from mmcl.train.optim import make_optimizer
+from mmcl.trainer import step as T
+from mmcl.trainer.optim import make_optimizer
 from test_stream import write_shards
 
 TINY = {"embed_dim": 16,

@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from conftest import TINY_MODEL
-from data_pipelines.stream import SampleSpec, ShardStream, make_loader
-from data_pipelines.transforms import clip_transform
+from mmcl.data_pipelines.stream import SampleSpec, ShardStream, make_loader
+from mmcl.data_pipelines.transforms import clip_transform
 from mmcl.cli import main
 from shard_faults import CORRUPTIONS, SHARD_LEVEL, corrupt, expected, read_samples, small_digits
 
@@ -120,7 +120,7 @@ def test_mmcl_train_and_eval_on_damaged_shards(case, clean_set, eval_model, tmp_
 
 def test_every_byte_of_a_member_s_headers_flipped_reads_like_the_reference(clean_set, tmp_path):
     """Not random: each of the 1,024 bytes of the pax and ustar headers of one member, flipped in turn."""
-    from data_pipelines.tarstream import shard_samples
+    from mmcl.data_pipelines.tarstream import shard_samples
     from shard_faults import reference_samples
 
     shard = tmp_path / "0.tar"

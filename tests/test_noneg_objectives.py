@@ -12,14 +12,14 @@ from accelerate import Accelerator
 from conftest import assert_same_gradients
 from test_noneg_parity import make  # the same tiny objectives as the parity tests
 
-from data_pipelines.stream import SampleSpec, ShardStream
-from data_pipelines.transforms import view_transform
+from mmcl.data_pipelines.stream import SampleSpec, ShardStream
+from mmcl.data_pipelines.transforms import view_transform
 from mmcl.config import ConfigError, load_recipe
 from mmcl.losses.geometry import collapse_metrics, dimension_std, effective_rank
 from mmcl.losses.pcl import proto_nce
 from mmcl.models.multicrop import check_view_size, encode_any_size
 from mmcl.objectives.clusters import ClusterState, cluster, concentration, key_ids, kmeans
-from mmcl.train import step as T
+from mmcl.trainer import step as T
 
 CLOSE = dict(atol=1e-5, rtol=1e-5)
 def batch(rows=6, seed=1, small=0):
@@ -118,7 +118,7 @@ def test_swav_small_views_run_through_the_vit_at_their_own_size():
 
 
 def test_the_stream_yields_large_then_small_views(digits_root):
-    from data_pipelines import shards
+    from mmcl.data_pipelines import shards
 
     spec = SampleSpec(view_transform=view_transform(32), num_views=2, small_view_transform=view_transform(16),
                       num_small_views=3)

@@ -18,13 +18,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import eval as mmcl_eval
+import mmcl.eval as mmcl_eval
 from conftest import REPO, subprocess_env
 from mmcl import runs
 from mmcl.config import load_recipe
 from mmcl.models import eval_preprocess, load_model
-from mmcl.train import train
-from mmcl.train.logs import read_metrics
+from mmcl.trainer import train
+from mmcl.trainer.logs import read_metrics
 
 TOWER = {"embed_dim": 64,
          "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32,

@@ -20,8 +20,8 @@ from mmcl.losses import ClipLoss, NTXentLoss
 from mmcl.models import build_model
 from mmcl.objectives import REGISTRY, build_objective
 from mmcl.objectives.simclr import SimCLRObjective
-from mmcl.train import step as T
-from mmcl.train.optim import make_optimizer
+from mmcl.trainer import step as T
+from mmcl.trainer.optim import make_optimizer
 
 TINY = {"embed_dim": 16,
         "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16,

@@ -9,9 +9,9 @@ import pytest
 from tqdm import tqdm
 
 from conftest import REPO, TINY_MODEL, export_open_clip, subprocess_env
-from eval.report import metric_family, result_figure
+from mmcl.eval.report import metric_family, result_figure
 from mmcl.progress import LogProgress, progress_bar
-from mmcl.train.plots import eval_figure, write_plots
+from mmcl.trainer.plots import eval_figure, write_plots
 
 
 class Clock:
@@ -161,7 +161,7 @@ def test_evaluating_during_training_draws_a_curve(tiny_recipe, digits_root, run_
     import matplotlib.pyplot as plt
 
     from mmcl.config import load_recipe
-    from mmcl.train.logs import read_metrics
+    from mmcl.trainer.logs import read_metrics
 
     quick = load_recipe(str(REPO / "recipes" / "digits_clip_tiny.yaml"), [])
     assert 0 < quick.eval.every and 4000 // quick.train.batch_size * quick.train.epochs // quick.eval.every >= 5

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from conftest import TINY_MODEL
-from data_pipelines.stream import SampleSpec, ShardStream, make_loader
-from data_pipelines.transforms import clip_transform
+from mmcl.data_pipelines.stream import SampleSpec, ShardStream, make_loader
+from mmcl.data_pipelines.transforms import clip_transform
 from mmcl import runs
 from mmcl.cli import main
 from shard_faults import read_samples, small_digits, write_samples

@@ -22,9 +22,9 @@ from conftest import CPU_ONLY, REPO, set_dotted, subprocess_env, tiny_tree, torc
 from mmcl import objectives, runs
 from mmcl.config import ConfigError, load_recipe
 from mmcl.objectives.clip import ClipObjective
-from mmcl.train import TrainingError, checkpoint, train
-from mmcl.train.finish import summary_table
-from mmcl.train.logs import read_metrics
+from mmcl.trainer import TrainingError, checkpoint, train
+from mmcl.trainer.finish import summary_table
+from mmcl.trainer.logs import read_metrics
 
 STEPS, SAVE_EVERY = 24, 4
 # Three epochs of 10 steps, so kills and resumes land mid-epoch and across epoch boundaries.

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, subprocess_env
 from mmcl import runs
-from mmcl.train.logs import read_metrics
+from mmcl.trainer.logs import read_metrics
 
 STEPS = 20
 # Randomness everywhere it can hide: worker-process augmentation, a shuffle buffer, patch dropout in the model
@@ -107,7 +107,7 @@ def test_resume_point_skips_temporary_and_incomplete_checkpoints(tmp_path):
 def test_resume_none_starts_over(tiny_recipe, tmp_path, fresh_accelerate_state):
     """`train.resume: none` trains from step 0 again in the same folder and rewrites its log."""
     from mmcl.config import load_recipe
-    from mmcl.train import train
+    from mmcl.trainer import train
 
     recipe = tiny_recipe({"train.max_steps": 2, "train.log_every": 1})
     train(load_recipe(str(recipe)))

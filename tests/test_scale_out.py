@@ -15,8 +15,8 @@ import torch
 from conftest import REPO, subprocess_env
 from mmcl.config import ConfigError, ModelConfig, load_recipe
 from mmcl.models import factory
-from mmcl.train import fsdp
-from mmcl.train.gradsync import GradSync
+from mmcl.trainer import fsdp
+from mmcl.trainer.gradsync import GradSync
 
 TINY = {"embed_dim": 16,
         "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
@@ -49,7 +49,7 @@ def test_compiled_towers_give_the_eager_features_and_gradients():
 
 
 def test_bf16_on_a_cpu_runs_the_towers_under_autocast(tiny_recipe, fresh_accelerate_state):
-    from mmcl.train import setup as S
+    from mmcl.trainer import setup as S
 
     recipe = load_recipe(str(tiny_recipe({"train.precision": "bf16"})))
     accelerator = S.make_accelerator(recipe)

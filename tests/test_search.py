@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_main, subprocess_env
-from data_pipelines import shards
-from data_pipelines.tarstream import sample_at, shard_samples
+from mmcl.data_pipelines import shards
+from mmcl.data_pipelines.tarstream import sample_at, shard_samples
 from mmcl.cli import main
 from mmcl.search import index as ix
 from mmcl.search import store
@@ -123,8 +123,8 @@ def test_exact_and_ann_agree_within_the_stored_recall(built, searcher):
 def test_embed_is_the_eval_readers_pass(built, digits_root):
     """The embeddings equal the evaluation reader's (same pipeline), rounded to float16; keys and offsets
     point at the samples; one text row per caption line."""
-    from eval.datasets import describe_split
-    from eval.features import split_features
+    from mmcl.eval.datasets import describe_split
+    from mmcl.eval.features import split_features
     from mmcl.models import load_model
 
     model, preprocess, tokenizer = load_model(str(built["run"]))
@@ -146,7 +146,7 @@ def test_embed_is_the_eval_readers_pass(built, digits_root):
 @pytest.fixture(scope="module")
 def small_set(tmp_path_factory, digits_root):
     """Three shards of 20 digits; shard 1 holds a corrupt image and an image without captions."""
-    from data_pipelines.writers import ShardWriter
+    from mmcl.data_pipelines.writers import ShardWriter
 
     root = tmp_path_factory.mktemp("small")
     samples = [s for url in shards.split_urls(digits_root, "test") for s in shard_samples(url, print)][:60]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, free_port, subprocess_env
-from data_pipelines.tarstream import sample_at
+from mmcl.data_pipelines.tarstream import sample_at
 from mmcl.search.query import Searcher
 
 pytestmark = pytest.mark.slow

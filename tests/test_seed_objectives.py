@@ -15,7 +15,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 
-import eval as mmcl_eval
+import mmcl.eval as mmcl_eval
 from mmcl.config import ConfigError, ModelConfig, ObjectiveConfig, Recipe, from_dict, load_recipe
 from mmcl.losses import NegativeWeighting
 from mmcl.models import build_model, eval_preprocess, load_model, make_tokenizer
@@ -23,8 +23,8 @@ from mmcl.models.dropout import add_text_dropout
 from mmcl.objective_options import SECTION_TYPES
 from mmcl.objectives import REGISTRY, build_objective
 from mmcl.objectives.text_ssl import token_views
-from mmcl.train import step as T
-from mmcl.train import train
+from mmcl.trainer import step as T
+from mmcl.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

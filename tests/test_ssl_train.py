@@ -13,13 +13,13 @@ import torch
 import yaml
 from conftest import load_worker, run_worker
 
-import eval as mmcl_eval
-from data_pipelines.digits import build_digits
+import mmcl.eval as mmcl_eval
+from mmcl.data_pipelines.digits import build_digits
 from mmcl import runs
 from mmcl.config import load_recipe
 from mmcl.models import build_model, eval_preprocess, load_model, weights
 from mmcl.objectives import build_objective
-from mmcl.train import train
+from mmcl.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

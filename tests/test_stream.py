@@ -14,9 +14,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from data_pipelines import shards
-from data_pipelines.stream import PAD, EpochStream, SampleSpec, ShardStream, assign_shards, make_loader, shuffled
-from data_pipelines.transforms import clip_transform, view_transform
+from mmcl.data_pipelines import shards
+from mmcl.data_pipelines.stream import PAD, EpochStream, SampleSpec, ShardStream, assign_shards, make_loader, shuffled
+from mmcl.data_pipelines.transforms import clip_transform, view_transform
 
 
 def png_bytes(value: int, size: int = 16) -> bytes:

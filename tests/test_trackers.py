@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mmcl.train.logs import read_metrics
+from mmcl.trainer.logs import read_metrics
 
 BLOCK, HEADER = 32768, 7  # the LevelDB log layout of a wandb offline run file (after its 7-byte file header)
 
@@ -100,7 +100,7 @@ def test_an_uninstalled_tracker_is_refused_naming_the_package(tiny_recipe):
     import accelerate.utils
 
     from mmcl.config import ConfigError, load_recipe
-    from mmcl.train.trackers import known_trackers
+    from mmcl.trainer.trackers import known_trackers
 
     missing = [n for n in known_trackers() if not getattr(accelerate.utils, f"is_{n}_available")()]
     assert missing, "every tracker Accelerate knows is installed here"
@@ -117,7 +117,7 @@ def test_tracker_kwargs_must_name_a_tracker_in_use(tiny_recipe):
 
 def test_no_tracker_writes_only_the_jsonl(tiny_recipe, tmp_path):
     from mmcl.config import load_recipe
-    from mmcl.train import train
+    from mmcl.trainer import train
 
     train(load_recipe(str(tiny_recipe({"train.max_steps": 2, "train.log_with": []}))))
     assert read_metrics(tmp_path / "run") and not (tmp_path / "run" / "tb").exists()

@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import eval as mmcl_eval
+import mmcl.eval as mmcl_eval
 from conftest import E2E_KEEP, E2E_SAVE_EVERY, E2E_STEPS
 from mmcl import runs
 from mmcl.config import load_recipe
 from mmcl.models import load_model
-from mmcl.train import loop
-from mmcl.train import setup as S
-from mmcl.train import step as T
-from mmcl.train.logs import read_metrics
+from mmcl.trainer import loop
+from mmcl.trainer import setup as S
+from mmcl.trainer import step as T
+from mmcl.trainer.logs import read_metrics
 
 
 @pytest.fixture(scope="module")

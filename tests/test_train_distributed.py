@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from conftest import CPU_ONLY, REPO, load_worker, subprocess_env, tiny_tree, torchrun
 from mmcl import runs
-from mmcl.train.logs import read_metrics
+from mmcl.trainer.logs import read_metrics
 
 WORKER = REPO / "tests" / "dist_workers" / "train_worker.py"
 worker = load_worker("train_worker")
@@ -120,7 +120,7 @@ def test_two_process_fsdp_run_on_the_digits_stream(tiny_recipe, run_mmcl, tmp_pa
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["samples"] == 4 * 32 * 2
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [2, 4]  # only the main process logs
-    import eval as mmcl_eval
+    import mmcl.eval as mmcl_eval
     from mmcl.models import eval_preprocess, load_model
 
     model, _, tokenizer = load_model(str(run_dir))

@@ -8,9 +8,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_pipelines import shards
-from data_pipelines.decode import sample_captions, sample_image, sample_label
-from data_pipelines.writers import (ShardWriter, resized_size, write_from_csv, write_from_folder,
+from mmcl.data_pipelines import shards
+from mmcl.data_pipelines.decode import sample_captions, sample_image, sample_label
+from mmcl.data_pipelines.writers import (ShardWriter, resized_size, write_from_csv, write_from_folder,
                                     write_from_jsonl)
 
 

@@ -1,7 +1,7 @@
 """Locked towers cut in two: the frozen part, whose outputs can be computed once, and the part that trains.
 
 LiT (Zhai et al. 2022) locks a pretrained tower; what is locked computes the same output for the same input
-for the whole run, so mmcl's locked-feature cache (mmcl.train.locked_cache) stores it and runs only the rest.
+for the whole run, so mmcl's locked-feature cache (mmcl.trainer.locked_cache) stores it and runs only the rest.
 `TowerSplit.trainable(TowerSplit.frozen(x))` equals the tower's output (unnormalised features) exactly:
 - a tower with no trainable parameter at all: frozen = the whole tower, trainable = nothing;
 - a timm tower with a locked trunk: frozen = the trunk (pooled), trainable = the projection head;

@@ -45,7 +45,7 @@ class ClipObjective(Objective):
 
     def encode(self, batch: dict) -> Features:
         """Both towers; a tower whose locked part is in the locked-feature cache runs only from the cached output
-        on (`batch["image_locked"]` / `batch["text_locked"]`, put there by mmcl.train.locked_cache)."""
+        on (`batch["image_locked"]` / `batch["text_locked"]`, put there by mmcl.trainer.locked_cache)."""
         images, features = batch.get("image"), {}
         if self.imix_alpha and self.training:  # never with the cache (mmcl.validate): it mixes pixels
             images, features = mix_images(images, self.imix_alpha)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data_pipelines.stream import SampleSpec, ShardStream, make_loader
+from mmcl.data_pipelines.stream import SampleSpec, ShardStream, make_loader
 from mmcl.config import Recipe
 from mmcl.distributed import get_rank, get_world_size, is_distributed
 from mmcl.losses.infonce import l2_normalize

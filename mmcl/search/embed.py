@@ -1,6 +1,6 @@
 """`mmcl embed`: image embeddings and one embedding per caption line of a set of shards, written part by part.
 
-The samples go through the evaluation reader (eval.datasets.SplitStream -> eval.features.embed_batches): the
+The samples go through the evaluation reader (mmcl.eval.datasets.SplitStream -> mmcl.eval.features.embed_batches): the
 same tar parser, safe decoding, split preprocess, loader workers and background prefetch as `mmcl eval`, so
 the two run at the same speed and skip the same bad samples. Instead of keeping every embedding in memory,
 a part's embeddings go to disk when the part ends: memory is bounded by one part (`part_shards` shards).
@@ -21,10 +21,10 @@ from typing import Callable, List, Optional
 import numpy as np
 import torch
 
-from data_pipelines import decode, shards
-from eval.datasets import BatchPreprocess, SplitStream, batch_iterator, prefetch
-from eval.features import _prepare_fn, embed_batches, eval_mode
-from eval.threads import ThreadPolicy
+from mmcl.data_pipelines import decode, shards
+from mmcl.eval.datasets import BatchPreprocess, SplitStream, batch_iterator, prefetch
+from mmcl.eval.features import _prepare_fn, embed_batches, eval_mode
+from mmcl.eval.threads import ThreadPolicy
 from mmcl.progress import progress_bar
 from mmcl.search import store
 
@@ -173,7 +173,7 @@ def _split_total(data: List[str], split: str) -> Optional[int]:
 
 
 def _embed_parts(plan: dict, emb: Path, todo: List[int], opts: EmbedOptions, total: Optional[int]) -> None:
-    from eval.cli import default_device, load_model
+    from mmcl.eval.cli import default_device, load_model
 
     device = torch.device(opts.device or default_device())
     model, preprocess, tokenizer = load_model(plan["model"], str(device))

@@ -15,8 +15,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from data_pipelines import decode
-from data_pipelines.tarstream import sample_at
+from mmcl.data_pipelines import decode
+from mmcl.data_pipelines.tarstream import sample_at
 from mmcl.search import index as ix
 from mmcl.search import store
 
@@ -39,7 +39,7 @@ class Searcher:
         self.model, self.preprocess, self.tokenizer = self._load_model(self.model_spec)
 
     def _load_model(self, spec: str):
-        from eval.cli import load_model
+        from mmcl.eval.cli import load_model
 
         model, preprocess, tokenizer = load_model(spec, self.device)
         width = self._width(model, preprocess, tokenizer)

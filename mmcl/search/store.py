@@ -10,7 +10,7 @@ EMB/ is written part by part; a part covers a fixed group of shards and is compl
     EMB/text_metadata/part_NNNNN.parquet  one row per caption: image (row in the part), caption
     EMB/parts/part_NNNNN.json             images, captions, skipped samples by kind, seconds
 
-`offset` is the byte offset of the sample's first tar header in `shard`: data_pipelines.tarstream.sample_at
+`offset` is the byte offset of the sample's first tar header in `shard`: mmcl.data_pipelines.tarstream.sample_at
 reads the sample back from there without unpacking anything.
 
 INDEX/ holds `index.json` (model, width, statistics of each index), `image.faiss`, `text.faiss` (when there

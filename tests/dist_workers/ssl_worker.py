@@ -26,7 +26,7 @@ from mmcl.objective_options import HardNegatives, SupConOptions, VSEOptions
 from mmcl.distributed import all_reduce_mean_, get_rank
 from mmcl.models import build_model
 from mmcl.objectives import build_objective
-from mmcl.train.step import sync_gradients, trainable
+from mmcl.trainer.step import sync_gradients, trainable
 
 ROWS = 4  # per rank
 WORLD = 2
@@ -85,7 +85,7 @@ def take(batch: dict, rows: slice) -> dict:
 
 
 def train_step(objective, batch: dict, step: int) -> torch.Tensor:
-    """What mmcl.train.loop.optimizer_step does, with SGD in place of AdamW (one less state to compare)."""
+    """What mmcl.trainer.loop.optimizer_step does, with SGD in place of AdamW (one less state to compare)."""
     objective.before_step(step, STEPS)
     loss = objective(batch)["loss"]
     loss.backward()

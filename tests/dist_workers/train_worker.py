@@ -1,7 +1,7 @@
 """Training steps in several processes: ``torchrun --nproc_per_node 2 train_worker.py RECIPE OUT_DIR``.
 
-Every process sets up the run with the trainer's own code (mmcl.train.loop.start: Accelerator, objective, AdamW,
-schedule, gradient sync, FSDP) and takes STEPS optimizer steps with mmcl.train.loop.optimizer_step on fixed,
+Every process sets up the run with the trainer's own code (mmcl.trainer.loop.start: Accelerator, objective, AdamW,
+schedule, gradient sync, FSDP) and takes STEPS optimizer steps with mmcl.trainer.loop.optimizer_step on fixed,
 seeded in-memory global batches of GLOBAL_ROWS rows, of which rank r takes rows [r*b, (r+1)*b),
 b = GLOBAL_ROWS / world size. Per case, the main process writes OUT_DIR/CASE.safetensors (the final weights
 and buffers of every module, gathered to full tensors under FSDP) and OUT_DIR/CASE.json (the loss of each step,
@@ -73,7 +73,7 @@ def train_steps(recipe_path: str, overrides: list):
     from mmcl.config import load_recipe
     from mmcl.distributed import all_reduce_mean_
     from mmcl.models import factory
-    from mmcl.train import fsdp, loop
+    from mmcl.trainer import fsdp, loop
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rows = GLOBAL_ROWS // world
@@ -101,7 +101,7 @@ def fsdp_resume(recipe_path: str, out: Path) -> dict:
     largest difference between A's and B's weights after it (zero when weights and AdamW state came back)."""
     from mmcl.config import load_recipe
     from mmcl.models import factory
-    from mmcl.train import fsdp, loop
+    from mmcl.trainer import fsdp, loop
 
     rows = GLOBAL_ROWS // int(os.environ.get("WORLD_SIZE", "1"))
     overrides = COMMON + REFERENCES["clip_accum"] + FSDP + [

@@ -1,4 +1,4 @@
 """The Accelerate training loop, optimisation, checkpoints and logs."""
-from mmcl.train.loop import TrainingError, train
+from mmcl.trainer.loop import TrainingError, train
 
 __all__ = ["train", "TrainingError"]

@@ -10,14 +10,14 @@ from typing import Any, Dict, Optional
 from mmcl import runs
 from mmcl.config import Recipe
 from mmcl.models import factory
-from mmcl.train import setup as S
-from mmcl.train import locked_cache
-from mmcl.train import step as T
-from mmcl.train import trackers
-from mmcl.train.locked_cache import LockedCache
-from mmcl.train.checkpoint import CheckpointWriteError, set_rng_state
-from mmcl.train.finish import evaluate, finish
-from mmcl.train.logs import RunLog
+from mmcl.trainer import setup as S
+from mmcl.trainer import locked_cache
+from mmcl.trainer import step as T
+from mmcl.trainer import trackers
+from mmcl.trainer.locked_cache import LockedCache
+from mmcl.trainer.checkpoint import CheckpointWriteError, set_rng_state
+from mmcl.trainer.finish import evaluate, finish
+from mmcl.trainer.logs import RunLog
 
 
 class TrainingError(RuntimeError):

@@ -28,7 +28,7 @@ from torch import nn
 from mmcl import runs
 from mmcl.config import first_line
 from mmcl.models import weights
-from mmcl.train import fsdp
+from mmcl.trainer import fsdp
 
 
 def rng_state() -> Dict[str, Any]:

@@ -10,12 +10,12 @@ from typing import Dict, Optional
 
 from mmcl.progress import progress_bar
 
-from mmcl.train.trackers import scalars
+from mmcl.trainer.trackers import scalars
 
 
 class RunLog:
     """Appends metric records to RUN/metrics.jsonl and mirrors their numbers to the experiment trackers
-    (`tracker`: an Accelerator whose trackers were started, see mmcl.train.trackers; None for none)."""
+    (`tracker`: an Accelerator whose trackers were started, see mmcl.trainer.trackers; None for none)."""
 
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, progress: bool,
                  tracker=None):

@@ -11,9 +11,9 @@ import torch
 from mmcl import runs
 from mmcl.config import Recipe
 from mmcl.models import factory
-from mmcl.train import fsdp
-from mmcl.train.logs import RunLog
-from mmcl.train.plots import write_plots
+from mmcl.trainer import fsdp
+from mmcl.trainer.logs import RunLog
+from mmcl.trainer.plots import write_plots
 
 HEADLINE = ("acc1", "acc5", "mean_per_class_recall", "image_retrieval_recall@1", "image_retrieval_recall@5",
             "text_retrieval_recall@1", "text_retrieval_recall@5", "knn_acc1", "linear_probe_acc1")
@@ -22,7 +22,7 @@ HEADLINE = ("acc1", "acc5", "mean_per_class_recall", "image_retrieval_recall@1",
 def run_evals(recipe: Recipe, objective, model_cfg: dict, max_samples, model=None) -> List[dict]:
     """Evaluate the towers (`model`, default `objective.model`) on each eval dataset (its task read from its
     folder)."""
-    import eval as mmcl_eval  # evaluation never imports the trainer; the trainer imports evaluation lazily
+    import mmcl.eval as mmcl_eval  # evaluation never imports the trainer; the trainer imports evaluation lazily
 
     model = model or objective.model
     preprocess, tokenizer = factory.eval_preprocess(model), factory.make_tokenizer(model_cfg)
@@ -88,7 +88,7 @@ def finish(recipe: Recipe, objective, model_cfg: dict, state, accelerator, log: 
     results = evaluate(recipe, objective, model_cfg, state.step, accelerator, log, max_samples=None)
     log.close()
     run_dir = Path(recipe.train.output_dir)
-    from mmcl.train.logs import read_metrics
+    from mmcl.trainer.logs import read_metrics
 
     losses = [r["loss"] for r in read_metrics(run_dir) if r.get("loss") is not None] if accelerator.is_main_process else []
     summary = {"run_dir": str(run_dir), "steps": state.step, "samples": state.samples,

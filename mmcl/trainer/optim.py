@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mmcl.config import OptimConfig
-from mmcl.train.fsdp import split_param_groups
+from mmcl.trainer.fsdp import split_param_groups
 
 # Parameters that must not decay: gains, biases, embeddings, and the temperature/bias of the loss.
 NO_DECAY_NAMES = ("logit_scale", "logit_bias", "positional_embedding", "class_embedding", "token_embedding",

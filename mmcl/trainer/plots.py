@@ -1,6 +1,6 @@
 """PNG plots of a run from its metrics.jsonl: loss, temperature, learning rate, evaluation metrics.
 
-The evaluation plot has one panel per metric family (accuracy, recall@k, ranks, geometry: eval.report's
+The evaluation plot has one panel per metric family (accuracy, recall@k, ranks, geometry: mmcl.eval.report's
 families), so that ranks in the hundreds and recalls between 0 and 1 never share an axis.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mmcl.train.logs import read_metrics  # noqa: E402
+from mmcl.trainer.logs import read_metrics  # noqa: E402
 
 
 def series(records: List[dict], key: str) -> tuple:
@@ -44,7 +44,7 @@ def plot_keys(records: List[dict], keys: List[str], title: str, path: Path, logy
 
 def eval_figure(records: List[dict]):
     """The evaluation metrics against the step, one panel per metric family; None without any."""
-    from eval.report import by_family, style_panel  # the trainer imports evaluation lazily
+    from mmcl.eval.report import by_family, style_panel  # the trainer imports evaluation lazily
 
     keys = sorted({k for r in records for k in r if k.startswith("eval/")})
     families = {f: [k for k in names if series(records, k)[0]] for f, names in by_family(keys).items()}

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from data_pipelines import decode, tarstream
-from data_pipelines.decode import BadSample
-from data_pipelines.stream import make_loader, worker_slot
-from data_pipelines.transforms import clip_transform
+from mmcl.data_pipelines import decode, tarstream
+from mmcl.data_pipelines.decode import BadSample
+from mmcl.data_pipelines.stream import make_loader, worker_slot
+from mmcl.data_pipelines.transforms import clip_transform
 from mmcl.config import ConfigError, Recipe
 from mmcl.models import factory
 from mmcl.models.frozen import TowerSplit, split_image_tower, split_text_tower

@@ -8,7 +8,7 @@ from torch import nn
 
 from mmcl import distributed
 from mmcl.objectives import Objective
-from mmcl.train import fsdp
+from mmcl.trainer import fsdp
 
 BATCH_KEYS = ("image", "text", "label")
 

@@ -13,18 +13,18 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
-from data_pipelines import shards
-from data_pipelines.stream import PAD, EpochStream, SampleSpec, ShardStream, make_loader
-from data_pipelines.tokens import CachedTokenizer
-from data_pipelines.transforms import clip_transform, view_transform
+from mmcl.data_pipelines import shards
+from mmcl.data_pipelines.stream import PAD, EpochStream, SampleSpec, ShardStream, make_loader
+from mmcl.data_pipelines.tokens import CachedTokenizer
+from mmcl.data_pipelines.transforms import clip_transform, view_transform
 from mmcl import runs
 from mmcl.config import ConfigError, Recipe, dump_recipe, first_line
 from mmcl.models import factory
 from mmcl.objectives import Objective, build_objective, model_init_kwargs
-from mmcl.train import checkpoint, fsdp, trackers
-from mmcl.train.gradsync import GradSync
-from mmcl.train.locked_cache import NoTokens
-from mmcl.train.optim import make_optimizer, make_scheduler
+from mmcl.trainer import checkpoint, fsdp, trackers
+from mmcl.trainer.gradsync import GradSync
+from mmcl.trainer.locked_cache import NoTokens
+from mmcl.trainer.optim import make_optimizer, make_scheduler
 
 
 @dataclass
