@@ -52,7 +52,7 @@ def export(config: dict, folder: Path) -> str:
 
 def eval_reader_child(model: str) -> None:
     """The evaluation pass as `mmcl eval zeroshot` runs it; prints images/s."""
-    from mmcl.eval.cli import load_model
+    from mmcl import load_model
     from mmcl.eval.datasets import describe_split
     from mmcl.eval.features import eval_mode, split_features
 

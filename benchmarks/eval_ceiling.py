@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mmcl.eval.cli import load_model  # noqa: E402
+from mmcl import load_model  # noqa: E402
 from mmcl.eval.datasets import BatchPreprocess, SplitStream, describe_split  # noqa: E402
 from mmcl.eval.features import autocast, encode_rows  # noqa: E402
 from mmcl.eval.threads import ThreadPolicy  # noqa: E402

@@ -30,7 +30,7 @@ SETTINGS = [(w, t) for w in (0, 1, 2) for t in (1, 2)]
 def run_one(args) -> None:
     """One evaluation in this fresh process; prints a JSON line."""
     from mmcl.eval import evaluate_dataset
-    from mmcl.eval.cli import load_model
+    from mmcl import load_model
 
     model, preprocess, tokenizer = load_model(args.model, "cpu")
     threads = args.threads or None

@@ -183,7 +183,7 @@ def cross_check_child(export: str, root: str, task: str) -> None:
     """In this process: clip_benchmark's own dataset builder, loader and metrics (numpy-2 patch included)."""
     import eval_vs_clip_benchmark as evcb
 
-    from mmcl.eval.cli import load_model
+    from mmcl import load_model
 
     model, preprocess, tokenizer = load_model(f"local-dir:{export}", "cpu")
     metrics, _ = evcb.run_clip_benchmark(model, preprocess, tokenizer, root, task, 256, 0, None)

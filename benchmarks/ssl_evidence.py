@@ -32,7 +32,8 @@ import common  # noqa: E402  (benchmarks are plain scripts next to their shared 
 
 import mmcl.eval as mmcl_eval  # noqa: E402
 from mmcl.config import load_recipe  # noqa: E402
-from mmcl.models import build_model, eval_preprocess, load_model, make_tokenizer  # noqa: E402
+from mmcl import load_model  # noqa: E402
+from mmcl.models import build_model, eval_preprocess, make_tokenizer  # noqa: E402
 from mmcl.trainer.logs import read_metrics  # noqa: E402
 
 CIFAR = common.SHARED_DATA / "cifar10"

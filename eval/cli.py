@@ -30,15 +30,7 @@ COMMANDS = {
 
 
 def load_model(spec: str, device: str) -> Tuple[torch.nn.Module, Callable, Callable]:
-    """(model, eval preprocess, tokenizer) from a model spec, on `device`, in eval mode."""
-    if spec.startswith("local-dir:"):
-        import open_clip
-
-        from mmcl.models.loading import check_export  # config there, weights plain tensors (no pickle runs)
-
-        check_export(Path(spec[len("local-dir:"):]))
-        model, _, preprocess = open_clip.create_model_and_transforms(spec, device=device)
-        return model.eval(), preprocess, open_clip.get_tokenizer(spec)
+    """(model, eval preprocess, tokenizer) from a model spec, on `device`, in eval mode (mmcl.load_model)."""
     from mmcl.models import load_model as load_mmcl_model  # lazily: the model zoo is heavy
 
     return load_mmcl_model(spec, device)

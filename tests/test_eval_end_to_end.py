@@ -14,7 +14,8 @@ from PIL import Image
 
 from conftest import export_open_clip, write_shards
 from mmcl.eval import evaluate_dataset
-from mmcl.eval.cli import load_model, main
+from mmcl import load_model
+from mmcl.eval.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:WebDataset\\(shardshuffle")  # clip_benchmark's loader
 

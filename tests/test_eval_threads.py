@@ -12,7 +12,8 @@ from PIL import Image
 
 from conftest import export_open_clip, write_shards
 from mmcl.eval import evaluate_dataset
-from mmcl.eval.cli import load_model, main
+from mmcl import load_model
+from mmcl.eval.cli import main
 from mmcl.eval.datasets import describe_split
 from mmcl.eval.features import split_features
 from mmcl.eval.threads import MODEL_BOUND_FLOPS_PER_PIXEL, ThreadPolicy

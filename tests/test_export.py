@@ -15,7 +15,7 @@ from mmcl.data_pipelines import shards
 from mmcl import runs
 from mmcl.cli import main
 from mmcl.config import load_recipe
-from mmcl.models import load_model
+from mmcl import load_model
 from mmcl.trainer import train
 
 CAPTIONS = ["a handwritten seven", "the digit 3 written by hand", "a photo of the number zero", "nine"]

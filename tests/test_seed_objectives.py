@@ -18,13 +18,13 @@ from accelerate import Accelerator
 import mmcl.eval as mmcl_eval
 from mmcl.config import ConfigError, ModelConfig, ObjectiveConfig, Recipe, from_dict, load_recipe
 from mmcl.losses import NegativeWeighting
-from mmcl.models import build_model, eval_preprocess, load_model, make_tokenizer
+from mmcl import load_model, train
+from mmcl.models import build_model, eval_preprocess, make_tokenizer
 from mmcl.models.dropout import add_text_dropout
 from mmcl.objective_options import SECTION_TYPES
 from mmcl.objectives import REGISTRY, build_objective
 from mmcl.objectives.text_ssl import token_views
 from mmcl.trainer import step as T
-from mmcl.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

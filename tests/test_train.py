@@ -11,7 +11,7 @@ import mmcl.eval as mmcl_eval
 from conftest import E2E_KEEP, E2E_SAVE_EVERY, E2E_STEPS
 from mmcl import runs
 from mmcl.config import load_recipe
-from mmcl.models import load_model
+from mmcl import load_model
 from mmcl.trainer import loop
 from mmcl.trainer import setup as S
 from mmcl.trainer import step as T

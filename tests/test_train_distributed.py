@@ -97,7 +97,7 @@ def test_small_buckets_are_sent_one_by_one_during_the_backward_pass(two_process_
 def test_fsdp_checkpoint_is_full_and_resumes_into_shards_exactly(two_process_out):
     report = json.loads((two_process_out / "fsdp_resume.json").read_text())
     assert report["max_difference"] == 0.0  # weights and AdamW moments cut back into the same shards
-    from mmcl.models import load_model
+    from mmcl import load_model
 
     model, _, _ = load_model(report["run_dir"])  # what eval and export read: full tensors, no FSDP
     saved = load_file(str(runs.latest_checkpoint(Path(report["run_dir"])) / runs.WEIGHTS))
@@ -121,7 +121,8 @@ def test_two_process_fsdp_run_on_the_digits_stream(tiny_recipe, run_mmcl, tmp_pa
     assert summary["steps"] == 4 and summary["samples"] == 4 * 32 * 2
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [2, 4]  # only the main process logs
     import mmcl.eval as mmcl_eval
-    from mmcl.models import eval_preprocess, load_model
+    from mmcl import load_model
+    from mmcl.models import eval_preprocess
 
     model, _, tokenizer = load_model(str(run_dir))
     alone = mmcl_eval.evaluate_dataset(model, eval_preprocess(model), tokenizer, digits_root, split="test",
