@@ -38,7 +38,7 @@ BAD_RECIPES = [
     ("remote-url-refused", {"data.train": ["pipe:cat /dev/null"]}, "data.train[0]: remote or pipe shard URL refused"),
     ("too-few-samples-for-a-batch", {"data.samples_per_epoch": 10}, "data.samples_per_epoch:"),
     ("bad-crop-scale", {"data.crop_scale": [0.9, 0.5]}, "data.crop_scale: must be [low, high]"),
-    ("unknown-objective", {"objective.name": "byol"}, "objective.name: must be one of"),
+    ("unknown-objective", {"objective.name": "barlow_twins"}, "objective.name: must be one of"),
     ("momentum-above-one", {"objective.clip.momentum": 1.5}, "objective.clip.momentum: must be in [0, 1]"),
     ("option-of-another-objective", {"objective.moco.queue_size": 64},
      "objective.moco: options of objective moco, but objective.name is clip"),

@@ -50,7 +50,7 @@ def captions(tmp_path_factory):
                 "txt": "\n".join(" ".join(rng.choice(WORDS, 4)) for _ in range(1 + i % 3))} for i in range(45)]
     write_shards(root / "test", samples, shard_size=12)
     last = root / "test" / "3.tar"
-    last.write_bytes(last.read_bytes()[:5000])  # a truncated shard: a read error, the rest of it skipped
+    last.write_bytes(last.read_bytes()[:5000])  # a cut shard: truncated_tar, the rest of it skipped
     (root / "dataset_type.txt").write_text("retrieval\n")
     return root
 
@@ -77,9 +77,9 @@ def test_retrieval_is_bit_identical_for_any_threads_and_workers(captions, loaded
     first = results[0]
     assert first["skipped"]["corrupt_image"] == 1
     if max_samples:
-        assert first["samples"] == max_samples and "read_error" not in first["skipped"]
+        assert first["samples"] == max_samples and "truncated_tar" not in first["skipped"]
     else:  # 3 whole shards of 12 but one corrupt image, and what the cut shard kept before its damage
-        assert 35 <= first["samples"] < 44 and first["skipped"]["read_error"] == 1
+        assert 35 <= first["samples"] < 44 and first["skipped"]["truncated_tar"] == 1
     for result, (workers, threads) in zip(results, SETTINGS):
         assert result["metrics"] == first["metrics"], (workers, threads)  # exact: floats compared with ==
         assert result["skipped"] == first["skipped"] and result["samples"] == first["samples"]

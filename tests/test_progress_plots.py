@@ -163,7 +163,8 @@ def test_evaluating_during_training_draws_a_curve(tiny_recipe, digits_root, run_
     from mmcl.config import load_recipe
     from mmcl.trainer.logs import read_metrics
 
-    quick = load_recipe(str(REPO / "recipes" / "digits_clip_tiny.yaml"), [])
+    quick = load_recipe(str(REPO / "recipes" / "digits_clip_tiny.yaml"),
+                        [f"data.train=[{digits_root}]", f"eval.datasets=[{digits_root}]", f"eval.retrieval=[{digits_root}]"])
     assert 0 < quick.eval.every and 4000 // quick.train.batch_size * quick.train.epochs // quick.eval.every >= 5
     recipe = tiny_recipe({"eval": {"datasets": [digits_root], "retrieval": [digits_root], "every": 2,
                                    "max_samples": 100, "batch_size": 50}})

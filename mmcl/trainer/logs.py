@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Dict, Optional
 
+from tqdm import tqdm
+
 from mmcl.progress import progress_bar
 
 from mmcl.trainer.trackers import scalars
