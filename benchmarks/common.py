@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 RESULTS = BENCH / "results"
 SHARED_DATA = REPO.parent / "shared" / "data"
-WORK = REPO / "runs" / "benchmarks"
+# where benchmarks keep their runs and scratch files (tests point it at a temporary folder)
+WORK = Path(os.environ.get("MMCL_BENCH_WORK") or REPO / "runs" / "benchmarks")
 DIGITS = REPO / "data" / "digits"
 OPENCLIP_ENV = BENCH / ".openclip_env"  # webdataset 0.2.86 for open_clip_train's own pipeline
 OPENCLIP_WEBDATASET = "0.2.86"

@@ -29,7 +29,9 @@ hf_logging.get_logger("transformers")
 SEED = 7
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 # the GPU-scale towers take seconds to build on a CPU, so their recipes get fewer cases
-HEAVY = {"clip_vit_b32": 10, "slip_vit_b16": 10, "moco_v2_resnet50": 14, "simclr_resnet50": 14, "lit_minilm": 16}
+HEAVY = {"clip_vit_b32": 10, "slip_vit_b16": 10, "moco_v2_resnet50": 14, "simclr_resnet50": 14, "lit_minilm": 16,
+         "flickr8k_lit": 16, "byol_resnet50": 14, "swav_resnet50": 14, "vicreg_resnet50": 14, "supcon_resnet50": 14,
+         "simclr_hcl_resnet50": 14}
 CASES = 36
 
 

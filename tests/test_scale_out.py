@@ -97,7 +97,8 @@ def test_gpu_check_dry_run_measures_every_variant_and_both_syncs(tmp_path):
     out = tmp_path / "gpu_check_dry_run.json"
     command = [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", "--only", "in_memory",
                "scale_out", "--out", str(out)]
-    done = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    env = subprocess_env(MMCL_BENCH_WORK=str(tmp_path / "work"))  # its scratch recipes and runs: not in the checkout
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
     variants = report["in_memory"]["variants"]
