@@ -216,12 +216,12 @@ def save_export(cfg: dict, folder: Path) -> None:
 
 
 def clip_benchmark_eval(model, preprocess, tokenizer, data: Path, args, device: str):
-    import eval_vs_clip_benchmark as evcb
+    from clip_benchmark_cli import numpy2_accuracy
     import torch
     from clip_benchmark.datasets.builder import build_dataset
     from clip_benchmark.metrics import zeroshot_classification as zc
 
-    zc.accuracy = evcb.numpy2_accuracy
+    zc.accuracy = numpy2_accuracy
     ds = build_dataset(f"wds/{data.name}", root=str(data), transform=preprocess, split="test",
                        task="zeroshot_classification")
     workers = min(args.workers, int((data / "test" / "nshards.txt").read_text()))

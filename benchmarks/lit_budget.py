@@ -179,11 +179,11 @@ def judge(copy: Path, name: str) -> Dict[str, dict]:
 
 def clip_benchmark_cli(argv: List[str]) -> None:
     """clip_benchmark's own `main()` with these arguments, after the numpy-2 fix of its accuracy()."""
-    import eval_vs_clip_benchmark as evcb
+    from clip_benchmark_cli import numpy2_accuracy
     from clip_benchmark import cli
     from clip_benchmark.metrics import zeroshot_classification
 
-    zeroshot_classification.accuracy = evcb.numpy2_accuracy
+    zeroshot_classification.accuracy = numpy2_accuracy
     sys.argv = ["clip_benchmark", *argv]
     cli.main()
 
