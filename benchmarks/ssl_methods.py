@@ -238,7 +238,7 @@ def cell(stat: dict, scale: float = 100.0, digits: int = 1) -> str:
 
 def markdown(rows: dict, speed: dict) -> str:
     lines = ["| method | mmcl kNN | lightly kNN | mmcl linear | lightly linear | mmcl feature std x sqrt(d) | "
-             "mmcl effective rank | step time mmcl / lightly |", "|---|---|---|---|---|---|---|---|"]
+             "mmcl effective rank | speed mmcl / lightly, tiny / small tower |", "|---|---|---|---|---|---|---|---|"]
     base = rows.get("untrained/-")
     if base:
         lines.append(f"| random init (same seeds) | {cell(base['knn_acc1'])} | | "
