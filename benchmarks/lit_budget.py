@@ -249,7 +249,8 @@ def merged(out: str, rows: List[dict]) -> List[dict]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, default=600.0, help="wall seconds for each training process")
-    p.add_argument("--only", nargs="+", choices=["lit", "scratch"], default=["lit", "scratch"])
+    p.add_argument("--only", nargs="*", choices=["lit", "scratch"], default=["lit", "scratch"],
+                   help="the headline runs to do (none: `--only` alone, e.g. with --ablations)")
     p.add_argument("--ablations", nargs="*", choices=sorted(VARIANTS), default=None,
                    help="variants of flickr8k_lit, each in the same budget (all when given without names)")
     p.add_argument("--out", default="lit_budget.json")
