@@ -85,9 +85,15 @@ def child(tool: str, vectors: str, tuning: str, budget: str, index_out: str, inf
     Path(info_out).write_text(json.dumps(info))
 
 
+REUSE = False  # set by --reuse
+
+
 def build(tool: str, folder: Path, budget: str, tag: str) -> dict:
     """Build one index in a fresh process; returns its info (seconds, factory, parameters) and path."""
     index, info = folder / f"{tag}.faiss", folder / f"{tag}.json"
+    if REUSE and index.is_file() and info.is_file():  # --reuse: an earlier run's complete build, measured again
+        say(f"  {tag}: reused from {index}")
+        return dict(json.loads(info.read_text()), path=str(index))
     if tool == "autofaiss":
         command = [str(autofaiss_python()), str(BENCH / "autofaiss_build.py"), str(folder / "vectors.npy"), budget,
                    str(index), str(info)]
@@ -229,10 +235,14 @@ def main() -> None:
     parser.add_argument("--synthetic-budgets", nargs="+", default=["512MB"], help="e.g. 512MB 2GB")
     parser.add_argument("--synthetic-tools", nargs="+", choices=("mmcl", "autofaiss"), default=["mmcl"],
                         help="tools built on the synthetic set (autofaiss takes long at 1M vectors)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="measure indexes an earlier run built completely (same data) instead of building again")
     parser.add_argument("--child", nargs=6, metavar="ARG", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(*args.child)
+    global REUSE
+    REUSE = args.reuse
     autofaiss_python()
     out = "ann_index_quick.json" if args.quick else "ann_index.json"
     earlier = read_json(RESULTS / out) or {}
