@@ -4,11 +4,11 @@
 
 Reads the split once (untimed) into the exact inputs mmcl's evaluation gives the model: float image batches of
 `--batch-size`, the tokens of every caption of those images (retrieval) or the class prompts in batches of
-mmcl.eval.zeroshot.PROMPT_BATCH (zero-shot), each encoded as mmcl encodes it (mmcl.eval.features.encode_rows). Then
-times only the model over them, under torch.inference_mode() (and bf16 autocast with --amp), with the threads
-mmcl's policy picks for this model and `--workers` (mmcl.eval.threads: every core for model-bound models, the
-cores the loaders would leave free for loading-bound ones), so that mmcl / ceiling measures what loading
-costs. One untimed warm-up call per tower first.
+mmcl.eval.zeroshot.PROMPT_BATCH (zero-shot), each encoded as mmcl encodes it (mmcl.eval.features.encode_rows).
+Then times only the model over them, without autograd as mmcl runs it (mmcl.eval.features.inference; bf16
+autocast with --amp), with the threads mmcl's policy picks for this model and `--workers` (mmcl.eval.threads:
+every core for model-bound models, the cores the loaders would leave free for loading-bound ones), so that
+mmcl / ceiling measures what loading costs. One untimed warm-up call per tower first.
 Prints one JSON line: {"seconds", "images", "images_per_s", "threads"}.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmcl import load_model  # noqa: E402
 from mmcl.eval.datasets import BatchPreprocess, SplitStream, describe_split  # noqa: E402
-from mmcl.eval.features import autocast, encode_rows  # noqa: E402
+from mmcl.eval.features import encode_rows, inference  # noqa: E402
 from mmcl.eval.threads import ThreadPolicy  # noqa: E402
 from mmcl.eval.zeroshot import PROMPT_BATCH, class_prompts  # noqa: E402
 
@@ -48,7 +48,7 @@ def load_inputs(preprocess, tokenizer, root: str, task: str, batch_size: int):
 def time_model(model, batches, prompts, amp: bool, workers: int) -> float:
     device = torch.device("cpu")
     ThreadPolicy.for_pass(device, workers).choose(model, batches[0][0])
-    with torch.inference_mode(), autocast(device, amp):
+    with inference(device, amp):
         model.encode_image(batches[0][0][:8], normalize=True)  # warm-up: first-call allocations
         model.encode_text((prompts[0] if prompts else batches[0][1])[:8], normalize=True)
         start = time.perf_counter()

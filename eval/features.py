@@ -1,4 +1,4 @@
-"""Image and text embeddings of a split, computed once, batched, under torch.inference_mode().
+"""Image and text embeddings of a split, computed once, batched, without autograd (`inference`).
 
 Features are L2-normalised (the model's `encode_image(x, normalize=True)`), float32, on the CPU, in the
 order the batches arrive. For retrieval, every caption line of a sample is embedded and
@@ -55,6 +55,16 @@ def eval_mode(model: torch.nn.Module):
 def autocast(device: torch.device, amp: bool):
     """torch.autocast when `amp`: bfloat16 on a CPU, float16 on a GPU (torch's defaults)."""
     return torch.autocast(device.type) if amp else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def inference(device: torch.device, amp: bool):
+    """No autograd for the block; autocast with `amp`. Without amp: torch.inference_mode(). With amp:
+    torch.no_grad(), because torch skips autocast's cache of cast weights under inference_mode (pytorch
+    #165068) and then casts every weight again on every call: ViT-B/32 in bf16 ran 15-20% slower."""
+    grad_off = torch.no_grad() if amp else torch.inference_mode()
+    with grad_off, autocast(device, amp):
+        yield
 
 
 MIN_ROWS = 12
@@ -129,7 +139,7 @@ def embed_batches(model: torch.nn.Module, batches: Iterator[dict], device: torch
     the default keeps them all in memory. A collector that writes them out bounds the memory.
     """
     collector, start = collector if collector is not None else _Collector(), time.perf_counter()
-    with torch.inference_mode(), autocast(device, amp):
+    with inference(device, amp):
         for batch in batches:
             collector.skipped.update(batch.get("skipped", {}))
             if not batch["count"]:

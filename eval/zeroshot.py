@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Sequence, Union
 import numpy as np
 import torch
 
-from mmcl.eval.features import autocast, encode_rows
+from mmcl.eval.features import encode_rows, inference
 from mmcl.progress import progress_bar
 
 Templates = Union[Sequence[str], Dict[str, Sequence[str]]]
@@ -39,7 +39,6 @@ def class_prompts(classname: str, templates: Templates) -> List[str]:
 PROMPT_BATCH = 256
 
 
-@torch.inference_mode()
 def zeroshot_classifier(model: torch.nn.Module, tokenizer: Callable, classnames: Sequence[str],
                         templates: Templates, device=None, progress: bool = False, amp: bool = False) -> torch.Tensor:
     """The zero-shot weights W [D, C] (float32, on `device`).
@@ -60,7 +59,7 @@ def zeroshot_classifier(model: torch.nn.Module, tokenizer: Callable, classnames:
     with progress_bar(len(flat), "classifier", "prompt", enabled=progress) as bar:
         for start in range(0, len(flat), PROMPT_BATCH):
             tokens = tokenizer(flat[start:start + PROMPT_BATCH]).to(device)
-            with autocast(torch.device(device), amp):
+            with inference(torch.device(device), amp):
                 embeddings.append(encode_rows(model.encode_text, tokens).float())
             bar.update(len(tokens))
     columns = [class_embeddings.mean(dim=0) for class_embeddings in

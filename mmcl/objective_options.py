@@ -209,6 +209,7 @@ class TripletOptions:
 
     margin: float = 0.2  # on Euclidean distances of unit vectors (0-2)
     mining: Literal["semihard", "hardest", "all"] = "semihard"
+    labels: bool = False  # class labels (`cls`): negatives only among views of other classes (FaceNet)
 
     def check(self, key: str) -> None:
         positive(f"{key}.margin", self.margin)
@@ -219,6 +220,7 @@ class PairwiseOptions:
     """Hadsell et al.'s margin-based contrastive (pairwise) loss on two views."""
 
     margin: float = 1.0  # negatives farther than this (Euclidean, unit vectors: 0-2) cost nothing
+    labels: bool = False  # class labels (`cls`): every view of the same class a positive, the rest negatives
 
     def check(self, key: str) -> None:
         positive(f"{key}.margin", self.margin)

@@ -269,7 +269,8 @@ def check_text_ssl(recipe: Recipe) -> None:
 
 def needs_labels(recipe: Recipe) -> bool:
     o = recipe.objective
-    return o.name == "supcon" or (o.name in ("clip", "slip") and o.section("clip").label_positives)
+    return (o.name == "supcon" or (o.name in ("clip", "slip") and o.section("clip").label_positives)
+            or (o.name in ("triplet", "pairwise") and o.section(o.name).labels))
 
 
 def check_labels(recipe: Recipe) -> None:

@@ -317,14 +317,18 @@ def test_mochi_mixes_the_hardest_queue_entries():
 
 # ---- margins and rankings ----------------------------------------------------------------------------------------
 
-def mined_triplets(out0, out1, mining):
-    """Anchors, positives and negatives picked one by one from the distances of the unit vectors."""
+def mined_triplets(out0, out1, mining, labels=None):
+    """Anchors, positives and negatives picked one by one from the distances of the unit vectors (with labels:
+    negatives of another class only; an anchor with none sits out)."""
     z = F.normalize(torch.cat([out0, out1]), dim=-1).detach()
     n = out0.shape[0]
+    cls = None if labels is None else torch.cat([labels, labels]).tolist()
     triplets = []
     for a in range(2 * n):
         p = (a + n) % (2 * n)
-        negatives = [j for j in range(2 * n) if j not in (a, p)]
+        negatives = [j for j in range(2 * n) if j not in (a, p) and (cls is None or cls[j] != cls[a])]
+        if not negatives:
+            continue
         dist = {j: float((z[a] - z[j]).norm()) for j in negatives}
         if mining == "all":
             triplets += [(a, p, j) for j in negatives]
@@ -351,6 +355,25 @@ def test_triplet_loss_is_torch_triplet_margin_loss_on_the_mined_triplets(mining)
     assert_all_close(loss_and_grads(TripletLoss(0.4, mining), [out0, out1]), expected)
 
 
+@pytest.mark.parametrize("mining", ["semihard", "hardest", "all"])
+def test_triplet_loss_with_labels_mines_other_classes_only(mining):
+    out0, out1 = leaves((8, 6), (8, 6), seed=16)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3])
+    index = mined_triplets(out0, out1, mining, labels)
+    cls = torch.cat([labels, labels])
+    assert (cls[index[:, 0]] != cls[index[:, 2]]).all()
+
+    def reference(a, b):
+        z = F.normalize(torch.cat([a, b]), dim=-1)
+        return torch.nn.TripletMarginLoss(margin=0.4)(z[index[:, 0]], z[index[:, 1]], z[index[:, 2]])
+
+    expected = loss_and_grads(reference, [out0, out1])
+    assert expected[0] > 0
+    assert_all_close(loss_and_grads(lambda a, b: TripletLoss(0.4, mining)(a, b, labels), [out0, out1]), expected)
+    one_class = TripletLoss(0.4, mining)(out0, out1, torch.zeros(8, dtype=torch.long))  # no negative anywhere
+    assert one_class.item() == 0.0 and one_class.requires_grad
+
+
 def test_pairwise_margin_loss_matches_hadsell_per_pair():
     out0, out1 = leaves((5, 4), (5, 4), seed=14)
 
@@ -365,6 +388,24 @@ def test_pairwise_margin_loss_matches_hadsell_per_pair():
         return torch.stack(terms).mean()
 
     assert_all_close(loss_and_grads(PairwiseMarginLoss(1.2), [out0, out1]), loss_and_grads(reference, [out0, out1]))
+
+
+def test_pairwise_margin_loss_with_labels_pulls_the_whole_class():
+    out0, out1 = leaves((5, 4), (5, 4), seed=17)
+    labels = torch.tensor([0, 1, 0, 2, 1])
+    cls = torch.cat([labels, labels]).tolist()
+
+    def reference(a, b):
+        z = F.normalize(torch.cat([a, b]), dim=-1)
+        terms = []
+        for i in range(10):
+            pull = [0.5 * (z[i] - z[j]).pow(2).sum() for j in range(10) if j != i and cls[j] == cls[i]]
+            push = [0.5 * torch.clamp(1.2 - (z[i] - z[j]).norm(), min=0) ** 2 for j in range(10) if cls[j] != cls[i]]
+            terms.append(torch.stack(pull).mean() + torch.stack(push).mean())
+        return torch.stack(terms).mean()
+
+    got = loss_and_grads(lambda a, b: PairwiseMarginLoss(1.2)(a, b, labels), [out0, out1])
+    assert_all_close(got, loss_and_grads(reference, [out0, out1]))
 
 
 def vse_reference(image, text, margin, violation):

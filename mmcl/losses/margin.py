@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcl.distributed import all_gather_with_grad, get_rank
+from mmcl.distributed import all_gather_no_grad, all_gather_with_grad, get_rank
 from mmcl.losses.infonce import diagonal_labels, l2_normalize
 
 MINING = ("semihard", "hardest", "all")
@@ -38,13 +38,22 @@ def two_view_candidates(out0: torch.Tensor, out1: torch.Tensor):
             torch.cat([own, own + total]))
 
 
-def negative_mask(shape, positive, own, device) -> torch.Tensor:
-    """True where a candidate is a negative of the anchor: neither itself nor its positive."""
+def negative_mask(shape, positive, own, device, labels=None) -> torch.Tensor:
+    """True where a candidate is a negative of the anchor: neither itself nor its positive, and with class
+    labels (N,) of this rank's images, not of the anchor's class."""
     mask = torch.ones(shape, dtype=torch.bool, device=device)
     rows = torch.arange(shape[0], device=device)
     mask[rows, positive] = False
     mask[rows, own] = False
+    if labels is not None:
+        mask &= ~same_class(labels)
     return mask
+
+
+def same_class(labels: torch.Tensor) -> torch.Tensor:
+    """(2N, 2B) True where anchor and candidate are views of the same class (labels gathered without grad)."""
+    every = all_gather_no_grad(labels)
+    return torch.cat([labels, labels])[:, None] == torch.cat([every, every])[None, :]
 
 
 @torch.no_grad()
@@ -56,11 +65,14 @@ def mine_negatives(anchors, candidates, positive, negatives, mining: str):
         return negatives.nonzero(as_tuple=True)
     dist = torch.cdist(anchors, candidates)
     if mining == "hardest":
-        return rows, dist.masked_fill(~negatives, float("inf")).argmin(1)
-    outside = negatives & (dist > dist[rows, positive][:, None])
-    closest_outside = dist.masked_fill(~outside, float("inf")).argmin(1)
-    farthest = dist.masked_fill(~negatives, float("-inf")).argmax(1)
-    return rows, torch.where(outside.any(1), closest_outside, farthest)
+        chosen = dist.masked_fill(~negatives, float("inf")).argmin(1)
+    else:
+        outside = negatives & (dist > dist[rows, positive][:, None])
+        closest_outside = dist.masked_fill(~outside, float("inf")).argmin(1)
+        farthest = dist.masked_fill(~negatives, float("-inf")).argmax(1)
+        chosen = torch.where(outside.any(1), closest_outside, farthest)
+    has = negatives.any(1)  # with labels, a batch of one class leaves an anchor no negative: it sits out
+    return rows[has], chosen[has]
 
 
 class TripletLoss(nn.Module):
@@ -70,7 +82,9 @@ class TripletLoss(nn.Module):
         margin: hinge margin on Euclidean distances of unit vectors (in [0, 2]; default 0.2).
         mining: "semihard" (default), "hardest" (batch-hard) or "all" (every negative, averaged).
 
-    Forward: ``loss(out0, out1)``, the two views' projections (N, D).
+    Forward: ``loss(out0, out1, labels=None)``, the two views' projections (N, D); with class labels (N,),
+    negatives are mined among views of other classes only (FaceNet's identities), the positive stays the
+    anchor's other view.
     """
 
     def __init__(self, margin: float = 0.2, mining: Literal["semihard", "hardest", "all"] = "semihard"):
@@ -79,10 +93,12 @@ class TripletLoss(nn.Module):
             raise ValueError(f"mining must be one of {', '.join(MINING)}, got {mining!r}")
         self.margin, self.mining = margin, mining
 
-    def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+    def forward(self, out0: torch.Tensor, out1: torch.Tensor, labels=None) -> torch.Tensor:
         anchors, candidates, positive, own = two_view_candidates(out0, out1)
-        negatives = negative_mask((anchors.shape[0], candidates.shape[0]), positive, own, anchors.device)
+        negatives = negative_mask((anchors.shape[0], candidates.shape[0]), positive, own, anchors.device, labels)
         rows, negative = mine_negatives(anchors.detach(), candidates.detach(), positive, negatives, self.mining)
+        if rows.numel() == 0:  # no anchor has a negative: nothing to rank, a zero that keeps the graph
+            return anchors.sum() * 0.0
         return F.triplet_margin_loss(anchors[rows], candidates[positive[rows]], candidates[negative],
                                      margin=self.margin)
 
@@ -93,21 +109,29 @@ class PairwiseMarginLoss(nn.Module):
     Args:
         margin: distance beyond which a negative costs nothing (unit vectors: in [0, 2]; default 1.0).
 
-    Forward: ``loss(out0, out1)``; per anchor ``1/2 d(a, p)^2 + mean_n 1/2 max(0, margin - d(a, n))^2``.
+    Forward: ``loss(out0, out1, labels=None)``; per anchor ``mean_p 1/2 d(a, p)^2 + mean_n 1/2 max(0, margin -
+    d(a, n))^2``. Without labels the one positive is the anchor's other view; with class labels (N,) (the
+    paper's similar / dissimilar pairs) every other view of the same class is a positive and the rest negatives.
     """
 
     def __init__(self, margin: float = 1.0):
         super().__init__()
         self.margin = margin
 
-    def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+    def forward(self, out0: torch.Tensor, out1: torch.Tensor, labels=None) -> torch.Tensor:
         anchors, candidates, positive, own = two_view_candidates(out0, out1)
         squared = (2.0 - 2.0 * anchors @ candidates.T).clamp_min(0.0)
         rows = torch.arange(anchors.shape[0], device=anchors.device)
-        negatives = negative_mask(squared.shape, positive, own, anchors.device)
+        negatives = negative_mask(squared.shape, positive, own, anchors.device, labels)
+        positives = torch.zeros_like(negatives)
+        positives[rows, positive] = True
+        if labels is not None:
+            positives |= same_class(labels)
+            positives[rows, own] = False
+        pull = (squared * positives).sum(1) / positives.sum(1)
         push = (self.margin - squared.clamp_min(1e-12).sqrt()).clamp_min(0.0).pow(2)
-        push = (push * negatives).sum(1) / negatives.sum(1)
-        return (0.5 * squared[rows, positive] + 0.5 * push).mean()
+        push = (push * negatives).sum(1) / negatives.sum(1).clamp_min(1)
+        return (0.5 * pull + 0.5 * push).mean()
 
 
 class VSELoss(nn.Module):

@@ -60,8 +60,25 @@ class SupConObjective(TwoViewObjective):
         return {"loss": loss, "loss/supcon": loss}
 
 
-class TripletObjective(TwoViewObjective):
-    """Triplet loss: `objective.triplet.margin` (default 0.2) and `.mining` (semihard, hardest or all)."""
+class MarginObjective(TwoViewObjective):
+    """A margin loss on two views; with `objective.<name>.labels: true` batches carry `cls` and the loss
+    takes them (which views are negatives, and for the pairwise loss which are positives)."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe, loss_fn: nn.Module):
+        super().__init__(model, recipe, loss_fn)
+        self.uses_labels = recipe.objective.section(self.name).labels
+
+    def encode(self, batch: dict) -> Features:
+        features = super().encode(batch)
+        return {**features, "label": batch["label"]} if self.uses_labels else features
+
+    def losses(self, features: Features) -> Dict[str, torch.Tensor]:
+        loss = self.loss_fn(features["z0"], features["z1"], features.get("label"))
+        return {"loss": loss, f"loss/{self.name}": loss}
+
+
+class TripletObjective(MarginObjective):
+    """Triplet loss: `objective.triplet.margin` (default 0.2), `.mining` (semihard, hardest or all), `.labels`."""
 
     name = "triplet"
 
@@ -70,8 +87,8 @@ class TripletObjective(TwoViewObjective):
         super().__init__(model, recipe, TripletLoss(options.margin, options.mining))
 
 
-class PairwiseObjective(TwoViewObjective):
-    """Margin-based contrastive (pairwise) loss: `objective.pairwise.margin` (default 1.0)."""
+class PairwiseObjective(MarginObjective):
+    """Margin-based contrastive (pairwise) loss: `objective.pairwise.margin` (default 1.0) and `.labels`."""
 
     name = "pairwise"
 
