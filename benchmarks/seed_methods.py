@@ -2,7 +2,7 @@
 
 Each group trains its methods from their tiny recipes with the same towers, steps, batch and seeds (the group's
 overrides replace the recipes' towers and budget with a smaller one, so that all runs fit a few hours of a
-shared 2-core machine), then evaluates with `mmcl eval`:
+2-core machine), then evaluates with `mmcl eval`:
 
 - cifar10 (image only): SimCLR, SupCon, SimCLR + HCL, SimCLR + i-Mix, triplet; kNN and linear probe
   (`mmcl eval probe`, fitted on the 10,000 train images, scored on the 10,000 test images).
@@ -50,8 +50,8 @@ FLICKR_TOWERS = ("{embed_dim: 128, vision_cfg: {image_size: 64, patch_size: 16, 
 DIGIT_TOWERS = ("{embed_dim: 64, vision_cfg: {image_size: 32, patch_size: 4, width: 64, layers: 2, head_width: 32, "
                 "mlp_ratio: 2.0}, text_cfg: {context_length: 16, vocab_size: 49408, width: 64, heads: 2, layers: 2, "
                 "mlp_ratio: 2.0}}")
-IMAGE_ONLY = [f"model.config={IMAGE_TOWER}", "model.ssl_head=[256,64]", "train.batch_size=64", "train.max_steps=100",
-              "optim.warmup_steps=10"]
+IMAGE_ONLY = [f"model.config={IMAGE_TOWER}", "model.ssl_head=[256,64]", "train.batch_size=64", "train.max_steps=250",
+              "optim.warmup_steps=20"]
 PROBE = [("probe", CIFAR, ["--batch-size", "500"])]
 # group -> (shared overrides, {method: (recipe, extra overrides, label)}, evaluations)
 GROUPS = {
@@ -66,14 +66,14 @@ GROUPS = {
         "moco": ("cifar10_moco_tiny", [], "MoCo v2"),
         "moco_mochi": ("cifar10_moco_mochi_tiny", [], "MoCo v2 + MoCHi (256, 256, 64)"),
     }, PROBE),
-    "flickr8k": ([f"model.config={FLICKR_TOWERS}", "train.batch_size=64", "train.max_steps=80",
-                  "optim.warmup_steps=10", "model.text_dropout=0.0"], {
+    "flickr8k": ([f"model.config={FLICKR_TOWERS}", "train.batch_size=64", "train.max_steps=250",
+                  "optim.warmup_steps=20", "model.text_dropout=0.0"], {
         "clip": ("flickr8k_clip_tiny", [], "CLIP"),
         "clip_hcl": ("flickr8k_clip_hcl_tiny", [], "CLIP + HCL (beta 0.1)"),
         "vse": ("flickr8k_vse_tiny", [], "VSE++ (max violation)"),
         "clip_simcse": ("flickr8k_clip_simcse_tiny", ["model.text_dropout=0.1"], "CLIP + SimCSE term (weight 1)"),
     }, [("retrieval", FLICKR, ["--batch-size", "250"]), ("zeroshot", CIFAR, ["--batch-size", "500"])]),
-    "digits": ([f"model.config={DIGIT_TOWERS}", "train.batch_size=64", "train.max_steps=60", "optim.warmup_steps=10",
+    "digits": ([f"model.config={DIGIT_TOWERS}", "train.batch_size=64", "train.max_steps=200", "optim.warmup_steps=20",
                 f"data.train=[{common.DIGITS}]"], {
         "clip": ("digits_clip_tiny", [], "CLIP"),
         "clip_label_positives": ("digits_clip_label_positives", [], "CLIP + label positives"),
@@ -195,20 +195,20 @@ def markdown(summary: dict, machine: dict) -> str:
     probe = [("kNN top-1", "cifar10_probe/knn_acc1"), ("linear top-1", "cifar10_probe/linear_probe_acc1")]
     recalls = [(f"{'T->I' if d == 'image' else 'I->T'} R@{k}", f"flickr8k_retrieval/{d}_retrieval_recall@{k}")
                for d in ("image", "text") for k in (1, 5, 10)]
-    titles = {"cifar10": ("CIFAR-10, image only (ViT 2 x 64 at 32 px, head 256-64, batch 64, 100 steps); kNN and "
+    titles = {"cifar10": ("CIFAR-10, image only (ViT 2 x 64 at 32 px, head 256-64, batch 64, 250 steps); kNN and "
                           "linear probe on the 10,000 test images", probe),
               "moco": ("CIFAR-10, MoCo v2 (same tower, batch and steps; queue 4,096)", probe),
-              "flickr8k": ("Flickr8k, image-text (ViT 2 x 128 at 64 px patch 16, text 2 x 128, batch 64, 80 "
+              "flickr8k": ("Flickr8k, image-text (ViT 2 x 128 at 64 px patch 16, text 2 x 128, batch 64, 250 "
                            "steps); test retrieval and CIFAR-10 zero-shot",
                            recalls + [("CIFAR-10 zero-shot", "cifar10_zeroshot/acc1")]),
-              "digits": ("Embedded digits, image-text (ViT 2 x 64 at 32 px, batch 64, 60 steps); zero-shot top-1 "
+              "digits": ("Embedded digits, image-text (ViT 2 x 64 at 32 px, batch 64, 200 steps); zero-shot top-1 "
                          "on the 1,000 test digits", [("zero-shot top-1", "digits_zeroshot/acc1")])}
     lines = []
     for group, rows in summary.items():
         title, columns = titles[group]
         lines += [f"**{title}**", ""] + group_table(group, rows, columns) + [""]
-    lines.append(f"Mean ± standard error over seeds, in %. Machine: {machine['cpu']}, {machine['cores']} cores "
-                 f"shared with other jobs (load average {machine['load_average'][0]} at the end), torch "
+    lines.append(f"Mean ± standard error over seeds, in %. Machine: {machine['cpu']}, {machine['cores']} cores, "
+                 f"nothing else running (load average {machine['load_average'][0]} at the end), torch "
                  f"{machine['torch']}; `python benchmarks/seed_methods.py`, {machine['date'][:10]}.")
     return "\n".join(lines)
 
