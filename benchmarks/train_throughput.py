@@ -20,6 +20,10 @@ Variants:
 - with `--variants ...`: mmcl_bf16 / mmcl_in_memory_bf16 (`train.precision=bf16`: autocast on a CPU too),
   open_clip_train_bf16 (`--precision amp_bf16`), mmcl_compile / mmcl_in_memory_compile (`model.compile=true`).
   Compiling happens in the warm-up steps.
+- mmcl_system_malloc / mmcl_in_memory_system_malloc: `train.keep_freed_memory=false`, glibc's own mmap and trim
+  thresholds (large freed blocks go back to the kernel and come back as page faults, mmcl/memory.py);
+  open_clip_train_kept_memory: open_clip_train given the same two thresholds through MALLOC_MMAP_THRESHOLD_ and
+  MALLOC_TRIM_THRESHOLD_, to show how much of mmcl's lead is that setting.
 - *_threads_N (`--threads-variant`, off by default): the same three with OMP_NUM_THREADS = cores - workers,
   the thread policy mmcl's evaluator uses. Measured on an idle 2-core machine it makes training slower
   (one compute thread instead of two: 214 vs 324 samples/s for mmcl before its faster step, 251 vs 362 for
@@ -163,6 +167,9 @@ def in_memory_child(args) -> None:
 
 
 BF16, COMPILE = ["train.precision=bf16"], ["model.compile=true"]
+SYSTEM_MALLOC = ["train.keep_freed_memory=false"]
+# what train.keep_freed_memory does inside mmcl (mmcl/memory.py), given to open_clip_train through glibc's variables
+KEPT_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str((1 << 31) - 1)}
 # name -> (runner, mmcl recipe overrides or open_clip_train's --precision)
 VARIANTS = {
     "mmcl": ("mmcl", []), "open_clip_train": ("open_clip_train", "fp32"), "mmcl_in_memory": ("in_memory", []),
@@ -170,15 +177,19 @@ VARIANTS = {
     "mmcl_bf16": ("mmcl", BF16), "open_clip_train_bf16": ("open_clip_train", "amp_bf16"),
     "mmcl_in_memory_bf16": ("in_memory", BF16),
     "mmcl_compile": ("mmcl", COMPILE), "mmcl_in_memory_compile": ("in_memory", COMPILE),
+    "mmcl_system_malloc": ("mmcl", SYSTEM_MALLOC), "mmcl_in_memory_system_malloc": ("in_memory", SYSTEM_MALLOC),
+    "open_clip_train_kept_memory": ("open_clip_train", "fp32"),
 }
-DEFAULT_VARIANTS = ["mmcl", "open_clip_train", "mmcl_in_memory", "mmcl_in_memory_plain"]
+ENV = {"open_clip_train_kept_memory": KEPT_MEMORY_ENV}  # variants that differ only in their environment
+DEFAULT_VARIANTS = ["mmcl", "open_clip_train", "mmcl_in_memory", "mmcl_in_memory_plain", "mmcl_system_malloc",
+                    "mmcl_in_memory_system_malloc", "open_clip_train_kept_memory"]
 
 
 def variants(args) -> Dict[str, tuple]:
     """name -> (runner, overrides, extra environment). The thread variants pin torch's threads with OMP_NUM_THREADS."""
     names = list(args.variants) + (["mmcl_in_memory_plain"] if args.ablation and "mmcl_in_memory_plain" not in
                                    args.variants else [])
-    out = {name: (*VARIANTS[name], {}) for name in names}
+    out = {name: (*VARIANTS[name], dict(ENV.get(name, {}))) for name in names}
     if args.threads_variant:
         n = threads_for_fix(args.workers)
         env = {"OMP_NUM_THREADS": str(n)}
@@ -224,6 +235,15 @@ def comparisons(runs: Dict[str, List[dict]]) -> dict:
              ("pipeline efficiency, bf16", "mmcl_bf16", "mmcl_in_memory_bf16", TARGET_PIPELINE),
              ("in-memory step: bf16 autocast vs fp32", "mmcl_in_memory_bf16", "mmcl_in_memory", None),
              ("open_clip_train: amp_bf16 vs fp32", "open_clip_train_bf16", "open_clip_train", None),
+             ("mmcl with the system's malloc settings (train.keep_freed_memory=false) vs open_clip_train",
+              "mmcl_system_malloc", "open_clip_train", None),
+             ("mmcl vs open_clip_train, both keeping freed memory (open_clip_train through MALLOC_* variables)",
+              "mmcl", "open_clip_train_kept_memory", None),
+             ("mmcl: keep_freed_memory vs the system's malloc settings", "mmcl", "mmcl_system_malloc", None),
+             ("in-memory step: keep_freed_memory vs the system's malloc settings", "mmcl_in_memory",
+              "mmcl_in_memory_system_malloc", None),
+             ("open_clip_train: MALLOC_* variables vs as shipped", "open_clip_train_kept_memory", "open_clip_train",
+              None),
              ("in-memory step: model.compile vs eager", "mmcl_in_memory_compile", "mmcl_in_memory", None),
              ("mmcl compiled vs open_clip_train", "mmcl_compile", "open_clip_train", TARGET_VS_OPENCLIP),
              ("pipeline efficiency, compiled", "mmcl_compile", "mmcl_in_memory_compile", TARGET_PIPELINE)]

@@ -14,6 +14,8 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
+from mmcl import memory
+from mmcl.models.text import text_encoder
 from mmcl.progress import progress_bar
 from mmcl.eval.datasets import BatchPreprocess, Limit, SplitInfo, SplitStream, batch_iterator, prefetch
 from mmcl.eval.threads import ThreadPolicy
@@ -138,7 +140,9 @@ def embed_batches(model: torch.nn.Module, batches: Iterator[dict], device: torch
     `collector` receives each batch's embeddings (`add(batch, image, text)`, `skipped`, `features(seconds)`);
     the default keeps them all in memory. A collector that writes them out bounds the memory.
     """
+    memory.keep_freed_memory()  # each batch's activations reuse the last one's memory (mmcl/memory.py)
     collector, start = collector if collector is not None else _Collector(), time.perf_counter()
+    encode_text = text_encoder(model)  # captions cut after their last end-of-text token (mmcl.models.text)
     with inference(device, amp):
         for batch in batches:
             collector.skipped.update(batch.get("skipped", {}))
@@ -150,7 +154,7 @@ def embed_batches(model: torch.nn.Module, batches: Iterator[dict], device: torch
             image = encode_rows(model.encode_image, images)
             text, tokens = None, _tokens(batch, tokenizer)
             if tokens is not None:
-                text = encode_rows(model.encode_text, tokens.to(device, non_blocking=True)).float().cpu()
+                text = encode_rows(encode_text, tokens.to(device, non_blocking=True)).float().cpu()
             collector.add(batch, image.float().cpu(), text)
             if progress is not None:
                 progress.update(batch["count"])

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from mmcl.eval.features import encode_rows, inference
+from mmcl.models.text import text_encoder
 from mmcl.progress import progress_bar
 
 Templates = Union[Sequence[str], Dict[str, Sequence[str]]]
@@ -55,12 +56,12 @@ def zeroshot_classifier(model: torch.nn.Module, tokenizer: Callable, classnames:
         device = next(model.parameters()).device
     prompts = [class_prompts(classname, templates) for classname in classnames]
     flat = [prompt for class_list in prompts for prompt in class_list]
-    embeddings = []
+    embeddings, encode_text = [], text_encoder(model)  # prompts cut after their end-of-text token
     with progress_bar(len(flat), "classifier", "prompt", enabled=progress) as bar:
         for start in range(0, len(flat), PROMPT_BATCH):
             tokens = tokenizer(flat[start:start + PROMPT_BATCH]).to(device)
             with inference(torch.device(device), amp):
-                embeddings.append(encode_rows(model.encode_text, tokens).float())
+                embeddings.append(encode_rows(encode_text, tokens).float())
             bar.update(len(tokens))
     columns = [class_embeddings.mean(dim=0) for class_embeddings in
                torch.cat(embeddings).split([len(class_list) for class_list in prompts])]

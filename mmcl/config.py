@@ -133,6 +133,7 @@ class TrainConfig:
     dist_timeout_s: int = 600  # a collective waiting this long on a hung or dead process fails the run
     grad_sync: Literal["overlap", "after_backward"] = "overlap"  # gradient all-reduce during or after backward
     grad_bucket_mb: float = 25.0  # gradients per all-reduce bucket (megabytes), as DDP's bucket_cap_mb
+    keep_freed_memory: bool = True  # glibc keeps freed blocks for reuse: no page faults each step (mmcl/memory.py)
     fsdp: bool = False  # shard the towers over processes with FSDP2 (also: accelerate launch --use_fsdp)
     progress: bool = True
     log_with: List[str] = field(default_factory=lambda: ["tensorboard"])  # Accelerate trackers; [] for JSONL only

@@ -17,6 +17,7 @@ import torch
 
 from mmcl.data_pipelines import decode
 from mmcl.data_pipelines.tarstream import sample_at
+from mmcl.models.text import text_encoder
 from mmcl.search import index as ix
 from mmcl.search import store
 
@@ -69,7 +70,7 @@ class Searcher:
             raise ValueError(f"model {self.model_spec} has no text tower: search by image")
         with torch.inference_mode():
             tokens = self.tokenizer([text]).to(self.device)
-            return self._normalised(self.model.encode_text(tokens, normalize=True))
+            return self._normalised(text_encoder(self.model)(tokens, normalize=True))
 
     def embed_image(self, data: bytes, name: str = "image") -> np.ndarray:
         """The embedding of encoded image bytes; ValueError naming `name` when they do not decode."""

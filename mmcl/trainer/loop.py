@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from mmcl import runs
+from mmcl import memory, runs
 from mmcl.config import Recipe
 from mmcl.models import factory
 from mmcl.trainer import setup as S
@@ -111,6 +111,8 @@ def prepare(recipe: Recipe):
 
 def start(recipe: Recipe):
     """Prepare, then write the run files and open the log."""
+    if recipe.train.keep_freed_memory:
+        memory.keep_freed_memory()
     run, rng, _ = prepare(recipe)
     if run.accelerator.is_main_process:
         S.write_run_files(recipe, run.run_dir, run.objective.model, run.model_cfg)
