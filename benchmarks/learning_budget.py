@@ -180,14 +180,12 @@ def is_number(value) -> bool:
 
 
 def cross_check_child(export: str, root: str, task: str) -> None:
-    """In this process: clip_benchmark's own dataset builder, loader and metrics (numpy-2 patch included)."""
+    """clip_benchmark's own CLI on the export (its dataset builder, loader and metrics, fp32; numpy-2 patch
+    included: benchmarks/clip_benchmark_cli.py, as eval_vs_clip_benchmark.py runs it); prints its metrics."""
     import eval_vs_clip_benchmark as evcb
 
-    from mmcl import load_model
-
-    model, preprocess, tokenizer = load_model(f"local-dir:{export}", "cpu")
-    metrics, _ = evcb.run_clip_benchmark(model, preprocess, tokenizer, root, task, 256, 0, None)
-    print(json.dumps(metrics))
+    run = evcb.timed_run("clip_benchmark", f"local-dir:{export}", Path(root), task, bf16=False, images=1)
+    print(json.dumps(run["metrics"]))
 
 
 def standard_error(p: float, n: int) -> float:
