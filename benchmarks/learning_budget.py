@@ -161,15 +161,15 @@ def evaluate(export: str, datasets: List[Path], out: Path) -> Dict[str, dict]:
     return results
 
 
-def cross_check(export: str, datasets: List[Path], mmcl_results: Dict[str, dict], out: Path) -> dict:
-    """clip_benchmark on the same export and data; the largest metric difference per dataset."""
+def cross_check(export: str, datasets: List[Path], mmcl_results: Dict[str, dict]) -> dict:
+    """clip_benchmark on the same export and data (its own CLI, fp32, run as eval_vs_clip_benchmark.py runs it:
+    its dataset builder, loader and metrics, numpy-2 patch included); the largest metric difference per dataset."""
+    import eval_vs_clip_benchmark as evcb
+
     diffs = {}
     for root in datasets:
         task = mmcl_results[root.name]["task"]
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--cross-check-child", export, str(root), task]
-        log = out / f"clip_benchmark_{root.name}.log"
-        common.check_ok(common.run_logged(cmd, log), log, "clip_benchmark")
-        theirs = json.loads(log.read_text().strip().splitlines()[-1])
+        theirs = evcb.timed_run("clip_benchmark", f"local-dir:{export}", root, task, bf16=False, images=1)["metrics"]
         ours = mmcl_results[root.name]["metrics"]
         diffs[root.name] = max(abs(ours[k] - v) for k, v in theirs.items() if is_number(v) and is_number(ours.get(k)))
     return diffs
@@ -177,15 +177,6 @@ def cross_check(export: str, datasets: List[Path], mmcl_results: Dict[str, dict]
 
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not math.isnan(value)
-
-
-def cross_check_child(export: str, root: str, task: str) -> None:
-    """clip_benchmark's own CLI on the export (its dataset builder, loader and metrics, fp32; numpy-2 patch
-    included: benchmarks/clip_benchmark_cli.py, as eval_vs_clip_benchmark.py runs it); prints its metrics."""
-    import eval_vs_clip_benchmark as evcb
-
-    run = evcb.timed_run("clip_benchmark", f"local-dir:{export}", Path(root), task, bf16=False, images=1)
-    print(json.dumps(run["metrics"]))
 
 
 def standard_error(p: float, n: int) -> float:
@@ -225,7 +216,7 @@ def judge(info: dict, task: dict, workdir: Path, trainer: str, cross: str) -> Di
     info["metrics"] = {ds: r["metrics"] for ds, r in results.items()}
     if cross:
         checked = task["eval"] if cross == "all" else task["eval"][:1]
-        info["clip_benchmark_max_difference"] = cross_check(info["export"], checked, results, workdir)
+        info["clip_benchmark_max_difference"] = cross_check(info["export"], checked, results)
     return results
 
 
@@ -289,7 +280,6 @@ def parse_args(argv=None):
     p.add_argument("--merge", action="store_true", help="update the tasks of an existing --out file")
     p.add_argument("--quick", action="store_true", help="budgets of 120 s (digits) and 150 s (flickr8k)")
     p.add_argument("--out", default="learning_budget.json")
-    p.add_argument("--cross-check-child", nargs=3, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -309,8 +299,6 @@ def plan_runs(args) -> List[tuple]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.cross_check_child:
-        return cross_check_child(*args.cross_check_child)
     if args.quick:
         args.digits_budget, args.flickr_budget = [120.0], 150.0
     openclip_anchor.ensure_env()

@@ -43,6 +43,7 @@ from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from mmcl import memory  # noqa: E402
 import openclip_anchor  # noqa: E402
 
 TARGET_VS_OPENCLIP = 1.5
@@ -169,7 +170,8 @@ def in_memory_child(args) -> None:
 BF16, COMPILE = ["train.precision=bf16"], ["model.compile=true"]
 SYSTEM_MALLOC = ["train.keep_freed_memory=false"]
 # what train.keep_freed_memory does inside mmcl (mmcl/memory.py), given to open_clip_train through glibc's variables
-KEPT_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str((1 << 31) - 1)}
+KEPT_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(memory.MMAP_THRESHOLDS[0]),
+                   "MALLOC_TRIM_THRESHOLD_": str(memory.TRIM_THRESHOLD)}
 # name -> (runner, mmcl recipe overrides or open_clip_train's --precision)
 VARIANTS = {
     "mmcl": ("mmcl", []), "open_clip_train": ("open_clip_train", "fp32"), "mmcl_in_memory": ("in_memory", []),

@@ -4,9 +4,9 @@ glibc serves a large request with a fresh `mmap` and hands it back to the kernel
 e.g. the 101 MB gradient of ViT-B/32's token embedding; below that depending on its history), and trims the
 heap's top once a few tens of MB are free there, as at the end of every backward pass. The next step asks
 for the same memory again and the kernel zero-fills every 4 KB page on first touch: on mmcl's tiny recipes
-that was 22,000 page faults and a fifth of every CPU step. Raising glibc's mmap and trim thresholds keeps the freed blocks in the heap, as
-jemalloc or tcmalloc would (torch's `torch.backends.xeon.run_cpu` launcher preloads one of those for the same
-reason). The cost: memory freed after a peak stays with the process until it exits, instead of going back to
+that was 22,000 page faults and a fifth of every CPU step. Raising glibc's mmap and trim thresholds keeps the
+freed blocks in the heap, as jemalloc or tcmalloc would (torch's `torch.backends.xeon.run_cpu` launcher
+preloads one of those for the same reason). The cost: memory freed after a peak stays with the process until it exits, instead of going back to
 the system. Linux with glibc only; elsewhere this does nothing.
 
 The trainer applies it unless `train.keep_freed_memory: false`; evaluation, `mmcl embed` and search apply it

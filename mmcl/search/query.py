@@ -38,6 +38,7 @@ class Searcher:
         self.device = device
         self.model_spec = model or self.info["model"]
         self.model, self.preprocess, self.tokenizer = self._load_model(self.model_spec)
+        self.encode_text = text_encoder(self.model)  # decided once: queries cut after their end-of-text token
 
     def _load_model(self, spec: str):
         from mmcl.eval.cli import load_model
@@ -70,7 +71,7 @@ class Searcher:
             raise ValueError(f"model {self.model_spec} has no text tower: search by image")
         with torch.inference_mode():
             tokens = self.tokenizer([text]).to(self.device)
-            return self._normalised(text_encoder(self.model)(tokens, normalize=True))
+            return self._normalised(self.encode_text(tokens, normalize=True))
 
     def embed_image(self, data: bytes, name: str = "image") -> np.ndarray:
         """The embedding of encoded image bytes; ValueError naming `name` when they do not decode."""
