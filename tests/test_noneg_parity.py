@@ -38,10 +38,12 @@ def leaf(*shape, seed=0):
 
 
 def assert_close_to_scale(ours, theirs, msg=""):
-    """Equal to 1e-5 of the tensor's scale: float32 sums over many large terms (VICReg's weights of 25 make
-    gradients of ~50) differ in the last bits, which an elementwise tolerance would count against small entries."""
+    """Equal to 5e-5 of the tensor's scale: float32 sums over many large terms (VICReg's weights of 25 make
+    gradients of ~50) differ in the last bits, which an elementwise tolerance would count against small entries.
+    How many bits depends on the CPU's matrix kernels: under 1e-5 of scale on an AMX Xeon, 1.4e-5 on an
+    AVX2 AMD EPYC (VICReg, step 2); a wrong gradient is off by far more."""
     scale = max(1.0, float(theirs.abs().max()))
-    assert float((ours - theirs).abs().max()) <= 1e-5 * scale, f"{msg}: max diff {(ours - theirs).abs().max():.3e}"
+    assert float((ours - theirs).abs().max()) <= 5e-5 * scale, f"{msg}: max diff {(ours - theirs).abs().max():.3e}"
 
 
 def assert_same_value_and_grads(ours, theirs, inputs):
