@@ -13,12 +13,16 @@ from collections import OrderedDict
 from typing import Callable, List, Optional
 
 import torch
-from open_clip.tokenizer import SimpleTokenizer, _clean_lower
+from open_clip import tokenizer as open_clip_tokenizer
+from open_clip.tokenizer import SimpleTokenizer
 
 # Printable ASCII without '&', plus tab and newline: text that ftfy and HTML unescaping leave unchanged
 # (no mojibake, entity, control character or line break for them to fix; tests/test_tokens.py checks it against
 # the installed ftfy on seeded random text).
 PLAIN_TEXT = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
+# open_clip's default cleaning rule ("lower"), the one the shortcut stands in for; None if open_clip renames it,
+# and then every text goes through open_clip's own cleaning
+CLEAN_LOWER = getattr(open_clip_tokenizer, "_clean_lower", None)
 
 
 class CachedTokenizer:
@@ -79,7 +83,7 @@ class WordMemoTokenizer:
     def clean(self, text: str) -> str:
         """open_clip's cleaning; for plain text under the default `lower` rule, without the ftfy call (a third of
         the time per caption) that cannot change it."""
-        if self.tokenizer.clean_fn is _clean_lower and PLAIN_TEXT.fullmatch(text):
+        if CLEAN_LOWER is not None and self.tokenizer.clean_fn is CLEAN_LOWER and PLAIN_TEXT.fullmatch(text):
             return " ".join(text.split()).lower()
         return self.tokenizer.clean_fn(text)
 

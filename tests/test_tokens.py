@@ -75,3 +75,12 @@ def test_fast_tokenizer_wraps_only_the_plain_bpe_tokenizer():
     assert isinstance(factory.make_tokenizer({"text_cfg": {"context_length": 16}}), WordMemoTokenizer)
     cached = CachedTokenizer(fast_tokenizer(plain))
     assert torch.equal(cached(CAPTIONS), plain(CAPTIONS)) and cached.context_length == 16
+
+
+def test_word_memo_survives_pickling_for_spawned_loader_workers():
+    import pickle
+
+    memo = CachedTokenizer(WordMemoTokenizer(open_clip.tokenizer.SimpleTokenizer(context_length=16)))
+    memo(CAPTIONS[:3])
+    copy = pickle.loads(pickle.dumps(memo))
+    assert torch.equal(copy(CAPTIONS), open_clip.tokenizer.SimpleTokenizer(context_length=16)(CAPTIONS))
