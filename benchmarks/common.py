@@ -150,6 +150,16 @@ def ensure_digits(folder: Path = DIGITS) -> Path:
     return folder
 
 
+def train_root(recipe_path: str, data: Optional[str] = None) -> Path:
+    """The training data folder of a recipe (or `data`), relative paths taken from the repository; the embedded
+    digits are built first when that is them, since loading a recipe checks that its shards exist."""
+    from mmcl.config import load_tree
+
+    root = Path(data) if data else Path(load_tree(recipe_path)["data"]["train"][0])
+    root = root if root.is_absolute() else REPO / root
+    return ensure_digits(root) if root.resolve() == DIGITS.resolve() else root
+
+
 def shard_pattern(root: Path, split: str = "train") -> str:
     """`ROOT/SPLIT/{0..N-1}.tar` from nshards.txt: the brace pattern open_clip_train expects."""
     count = int((Path(root) / split / "nshards.txt").read_text().strip())

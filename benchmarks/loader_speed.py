@@ -28,15 +28,14 @@ BATCH = 128
 
 
 def recipe_setting(name: str) -> dict:
+    """The recipe's train shards, image size, context length and crop scale."""
     from mmcl.config import load_tree
 
-    tree = load_tree(str(common.REPO / "recipes" / f"{name}.yaml"))
-    root = Path(tree["data"]["train"][0])
-    root = root if root.is_absolute() else common.REPO / root
-    if root.resolve() == common.DIGITS.resolve():
-        common.ensure_digits(root)
+    path = str(common.REPO / "recipes" / f"{name}.yaml")
+    tree, root = load_tree(path), common.train_root(path)
     cfg = tree["model"]["config"]
-    return {"root": root, "size": cfg["vision_cfg"]["image_size"], "context": cfg["text_cfg"]["context_length"],
+    return {"urls": [str(u) for u in sorted((root / "train").glob("*.tar"))], "size": cfg["vision_cfg"]["image_size"],
+            "context": cfg["text_cfg"]["context_length"],
             "crop_scale": tuple(tree["data"].get("crop_scale", (0.9, 1.0)))}
 
 
@@ -49,12 +48,12 @@ def tokenizers(context: int) -> dict:
             "word_memo": lambda: WordMemoTokenizer(open_clip.tokenizer.SimpleTokenizer(context_length=context))}
 
 
-def captions(root: Path, count: int) -> list:
+def captions(urls: list, count: int) -> list:
     from mmcl.data_pipelines import decode, tarstream
 
     lines = []
-    for url in sorted((root / "train").glob("*.tar")):
-        for sample in tarstream.shard_samples(str(url), lambda damage: None):
+    for url in urls:
+        for sample in tarstream.shard_samples(url, lambda damage: None):
             lines += decode.sample_captions(sample)
             if len(lines) >= count:
                 return lines[:count]
@@ -76,8 +75,7 @@ def loader_rate(setting: dict, make, samples: int, epoch: int) -> float:
 
     spec = SampleSpec(image_transform=clip_transform(setting["size"], True, crop_scale=setting["crop_scale"]),
                       tokenizer=CachedTokenizer(make()))
-    urls = [str(u) for u in sorted((setting["root"] / "train").glob("*.tar"))]
-    stream = ShardStream(urls, spec, BATCH, seed=0, epoch=epoch, shuffle_buffer=1000)
+    stream = ShardStream(setting["urls"], spec, BATCH, seed=0, epoch=epoch, shuffle_buffer=1000)
     start, seen = time.perf_counter(), 0
     for batch in stream:
         seen += len(batch["key"])
@@ -86,11 +84,10 @@ def loader_rate(setting: dict, make, samples: int, epoch: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def measure(name: str, samples: int, repeats: int) -> dict:
+def measure(name: str, setting: dict, samples: int, repeats: int) -> dict:
     import torch
 
-    setting = recipe_setting(name)
-    makes, lines = tokenizers(setting["context"]), captions(setting["root"], samples)
+    makes, lines = tokenizers(setting["context"]), captions(setting["urls"], samples)
     first, second = (make()(lines) for make in makes.values())
     if not torch.equal(first, second):
         raise SystemExit(f"{name}: the word memo's ids differ from open_clip's")
@@ -134,10 +131,11 @@ def main(argv=None) -> dict:
     machine = common.machine_info()
     results = []
     for name in args.recipes:
-        if not any((recipe_setting(name)["root"] / "train").glob("*.tar")):
+        setting = recipe_setting(name)
+        if not setting["urls"]:
             common.say(f"{name}: no train shards (../shared/data missing?), skipped")
             continue
-        results.append(measure(name, args.samples, args.repeats))
+        results.append(measure(name, setting, args.samples, args.repeats))
     payload = {"machine": machine, "settings": vars(args), "results": results}
     common.write_json(args.out, payload)
     print(table(results))

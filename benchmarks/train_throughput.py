@@ -295,17 +295,10 @@ def resolve(args):
     """Fill the defaults that come from the recipe and check that the log windows line up."""
     if args.quick:
         args.repeats, args.warmup, args.steps = 1, 5, 10
-    from mmcl.config import load_tree
-
     args.recipe_path = str(common.REPO / "recipes" / f"{args.recipe}.yaml") if "/" not in args.recipe else args.recipe
     if args.warmup % args.log_every or args.steps % args.log_every:
         raise SystemExit("--warmup and --steps must be multiples of --log-every")
-    # the shards first: loading the recipe checks that they exist, and on a fresh clone the digits are not built
-    data_root = Path(args.data) if args.data else Path(load_tree(args.recipe_path)["data"]["train"][0])
-    if not data_root.is_absolute():
-        data_root = common.REPO / data_root
-    if data_root.resolve() == common.DIGITS.resolve():
-        common.ensure_digits(data_root)
+    data_root = common.train_root(args.recipe_path, args.data)  # before the recipe, which checks the shards
     recipe = load_recipe(args.recipe, [])
     args.batch_size = args.batch_size or recipe.train.batch_size
     args.workers = recipe.data.workers if args.workers is None else args.workers

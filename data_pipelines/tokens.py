@@ -25,7 +25,17 @@ PLAIN_TEXT = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
 CLEAN_LOWER = getattr(open_clip_tokenizer, "_clean_lower", None)
 
 
-class CachedTokenizer:
+class TokenizerWrapper:
+    """A tokenizer in front of `self.tokenizer`: attributes it does not have (context_length, vocab_size,
+    decode, ...) are the wrapped tokenizer's."""
+
+    def __getattr__(self, name: str):
+        if name == "tokenizer":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
+
+
+class CachedTokenizer(TokenizerWrapper):
     """Call as the wrapped tokenizer (a list of captions -> a [N, context] tensor); same output, less work."""
 
     def __init__(self, tokenizer: Callable, size: int = 65536):
@@ -46,13 +56,8 @@ class CachedTokenizer:
             self.rows.popitem(last=False)
         return torch.stack(out)
 
-    def __getattr__(self, name: str):  # context_length, vocab_size, ... of the wrapped tokenizer
-        if name == "tokenizer":
-            raise AttributeError(name)
-        return getattr(self.tokenizer, name)
 
-
-class WordMemoTokenizer:
+class WordMemoTokenizer(TokenizerWrapper):
     """open_clip's SimpleTokenizer, the same ids for less Python per caption.
 
     open_clip memoizes each word's BPE string but still, for every word of every caption, re-encodes the word
@@ -83,7 +88,7 @@ class WordMemoTokenizer:
     def clean(self, text: str) -> str:
         """open_clip's cleaning; for plain text under the default `lower` rule, without the ftfy call (a third of
         the time per caption) that cannot change it."""
-        if CLEAN_LOWER is not None and self.tokenizer.clean_fn is CLEAN_LOWER and PLAIN_TEXT.fullmatch(text):
+        if self.tokenizer.clean_fn is CLEAN_LOWER and PLAIN_TEXT.fullmatch(text):  # never when CLEAN_LOWER is None
             return " ".join(text.split()).lower()
         return self.tokenizer.clean_fn(text)
 
@@ -105,12 +110,7 @@ class WordMemoTokenizer:
             if len(ids) > length:  # truncate, keeping the end-of-text token last (open_clip's rule)
                 ids = ids[:length - 1] + [tok.eot_token_id]
             rows.append(ids + [0] * (length - len(ids)))
-        return torch.tensor(rows, dtype=torch.long).view(len(rows), length)
-
-    def __getattr__(self, name: str):  # context_length, vocab_size, decode, ... of the wrapped tokenizer
-        if name == "tokenizer":
-            raise AttributeError(name)
-        return getattr(self.tokenizer, name)
+        return torch.tensor(rows, dtype=torch.long).view(len(rows), length)  # [0, length] for no texts too
 
 
 def fast_tokenizer(tokenizer: Callable) -> Callable:
